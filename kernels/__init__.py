@@ -1,0 +1,166 @@
+"""qgl.kernels: the quantization kernels, each a Triton kernel on CUDA and a plain-torch reference elsewhere.
+
+Every public function here dispatches per call (``_dispatch.use_triton``): Triton for CUDA tensors
+unless ``QGL_DISABLE_TRITON=1``, the ``*_ref`` reference otherwise. The formats are those of
+docs/internals.md: groups of ``group_size`` consecutive elements of the row-major flattening,
+``n_groups = ceil(numel / group_size)``, fp32 scales and zero points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._dispatch import pick, use_triton
+from .int4_ref import (
+    dequantize_int4_ref,
+    int4_project_back_ref,
+    int4_project_ref,
+    pack_int4_ref,
+    quantize_int4_ref,
+    unpack_int4_ref,
+)
+from .int8_ref import dequantize_int8_ref, int8_update_ref, quantize_int8_ref
+from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
+
+__all__ = [
+    "use_triton",
+    "quantize_int8",
+    "dequantize_int8",
+    "int8_update_",
+    "quantize_int4",
+    "dequantize_int4",
+    "pack_int4",
+    "unpack_int4",
+    "int4_project",
+    "int4_project_back",
+    "w8a16_linear",
+    "w8a16_grad_input",
+]
+
+
+# --- INT8 weights ------------------------------------------------------------------------------
+
+
+def quantize_int8(
+    w: Tensor, group_size: int = 256, symmetric: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest INT8 quantization of ``w`` (any floating dtype and shape), computed in fp32.
+
+    Returns ``(q int8 [*w.shape], scale fp32 [n_groups], zero fp32 [n_groups] or None)``;
+    ``zero`` is None iff ``symmetric``. Symmetric: ``w ~= q * scale``, q in -127..127;
+    asymmetric: ``w ~= (q - zero) * scale``, q in -128..127, ``zero`` unrounded and unclamped.
+    """
+    return pick(w, "int8", "quantize_int8", quantize_int8_ref)(w, group_size, symmetric)
+
+
+def dequantize_int8(
+    q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``(q - zero) * scale`` (``q * scale`` if ``zero`` is None), computed in fp32.
+
+    ``q int8 [*shape]``, ``scale``/``zero`` fp32 ``[n_groups]`` -> ``dtype [*shape]``.
+    """
+    return pick(q, "int8", "dequantize_int8", dequantize_int8_ref)(q, scale, zero, group_size, dtype)
+
+
+def int8_update_(
+    q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, decay: float, group_size: int, seed: int
+) -> None:
+    """In place on ``q``, ``scale``, ``zero``: ``W <- SR(decay * dequant(W) + delta)``.
+
+    ``q`` contiguous int8 ``[*shape]``, ``scale``/``zero`` fp32 ``[n_groups]`` (``zero`` None:
+    symmetric), ``delta`` fp32 ``[*shape]``. Scales are recomputed from the updated fp32 values;
+    stochastic rounding draws its uniforms from a generator keyed by ``seed`` (same seed, same
+    bits on the same implementation and device). Non-finite ``delta`` is the caller's problem.
+    """
+    impl = pick(q, "int8", "int8_update", int8_update_ref)
+    impl(q, scale, zero, delta, decay, group_size, seed)
+
+
+# --- INT4 projections ----------------------------------------------------------------------------
+
+
+def quantize_int4(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest INT4 of ``p`` (any floating dtype and shape), computed in fp32.
+
+    Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])`` with
+    ``p ~= (q - zero) * scale``, q in 0..15, two codes a byte (element 2k in the low nibble).
+    """
+    return pick(p, "int4", "quantize_int4", quantize_int4_ref)(p, group_size)
+
+
+def dequantize_int4(
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    shape: Sequence[int],
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(q - zero) * scale`` from packed codes, computed in fp32.
+
+    ``packed uint8 [ceil(numel / 2)]``, ``scale``/``zero`` fp32 ``[n_groups]`` -> ``dtype [*shape]``.
+    """
+    impl = pick(packed, "int4", "dequantize_int4", dequantize_int4_ref)
+    return impl(packed, scale, zero, shape, group_size, dtype)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack uint8 codes 0..15 (any shape, row-major) two to a byte: -> ``uint8 [ceil(numel / 2)]``."""
+    return pick(q, "int4", "pack_int4", pack_int4_ref)(q)
+
+
+def unpack_int4(packed: Tensor, numel: int) -> Tensor:
+    """Unpack ``uint8 [ceil(numel / 2)]`` into ``uint8 [numel]`` codes 0..15."""
+    return pick(packed, "int4", "unpack_int4", unpack_int4_ref)(packed, numel)
+
+
+def int4_project(
+    g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
+) -> Tensor:
+    """Low-rank projection of ``g [m, n]`` by the packed INT4 P, returned in fp32.
+
+    ``side="right"``: P ``(r, n)``, returns ``g @ P^T`` ``(m, r)``; ``side="left"``: P ``(m, r)``,
+    returns ``P^T @ g`` ``(r, n)``.
+    """
+    impl = pick(g, "int4", "int4_project", int4_project_ref)
+    return impl(g, packed, scale, zero, p_shape, group_size, side)
+
+
+def int4_project_back(
+    low: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    p_shape: Sequence[int],
+    group_size: int,
+    side: str,
+) -> Tensor:
+    """Back-projection to ``(m, n)`` through the packed INT4 P, returned in fp32.
+
+    ``side="right"``: ``low (m, r) @ P (r, n)``; ``side="left"``: ``P (m, r) @ low (r, n)``.
+    """
+    impl = pick(low, "int4", "int4_project_back", int4_project_back_ref)
+    return impl(low, packed, scale, zero, p_shape, group_size, side)
+
+
+# --- INT8-weight linear ----------------------------------------------------------------------------
+
+
+def w8a16_linear(
+    x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x @ dequant(W)^T + bias``: ``x [..., in]``, ``q int8 [out, in]``, ``bias [out]`` -> ``[..., out]``.
+
+    W is dequantized in fp32 and rounded once to ``x.dtype``; the matmul and the result are in
+    ``x.dtype`` (``bias`` is cast to it).
+    """
+    return pick(x, "w8a16", "w8a16_linear", w8a16_linear_ref)(x, q, scale, zero, group_size, bias)
+
+
+def w8a16_grad_input(dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
+    """``dy @ dequant(W)``: ``dy [..., out]``, ``q int8 [out, in]`` -> ``dy.dtype [..., in]``."""
+    return pick(dy, "w8a16", "w8a16_grad_input", w8a16_grad_input_ref)(dy, q, scale, zero, group_size)

@@ -1,0 +1,201 @@
+"""Plain-torch reference of the packed INT4 projection format (docs/internals.md, "INT4 projection").
+
+Tensors: ``packed: uint8 [ceil(numel / 2)]`` (byte ``k`` = element ``2k`` in the low nibble,
+``2k + 1`` in the high nibble, an odd count pads the last high nibble with 0), ``scale`` and
+``zero``: fp32 ``[n_groups]``, asymmetric per group of ``group_size`` row-major elements:
+``p ~= (q - zero) * scale`` with ``q`` in 0..15. The projection matmuls dequantize P to fp32 and
+compute and return fp32 whatever the gradient's dtype: the optimizer's moments live in fp32 math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._groups import (
+    check_dtype,
+    check_float_dtype,
+    check_floating,
+    check_group_size,
+    check_stats,
+    dequantize_groups_,
+    group_views,
+    n_groups,
+)
+
+__all__ = [
+    "quantize_int4_ref",
+    "dequantize_int4_ref",
+    "pack_int4_ref",
+    "unpack_int4_ref",
+    "int4_project_ref",
+    "int4_project_back_ref",
+]
+
+_SIDES = ("right", "left")
+
+
+def pack_int4_ref(q: Tensor) -> Tensor:
+    """Pack ``q: uint8`` codes in 0..15 (any shape, row-major) into ``uint8 [ceil(numel / 2)]``."""
+    check_dtype("q", q, torch.uint8)
+    flat = q.reshape(-1)
+    numel = flat.numel()
+    if numel and int(flat.max()) > 15:
+        raise ValueError(f"q must hold 4-bit codes 0..15, found {int(flat.max())}")
+    half = numel // 2
+    packed = torch.empty(half + numel % 2, dtype=torch.uint8, device=q.device)
+    pairs = flat[: 2 * half].view(half, 2)
+    torch.bitwise_or(pairs[:, 0], pairs[:, 1] << 4, out=packed[:half])
+    if numel % 2:
+        packed[half] = flat[-1]
+    return packed
+
+
+def unpack_int4_ref(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_int4_ref`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
+    check_dtype("packed", packed, torch.uint8)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got {tuple(packed.shape)}"
+        )
+    half = numel // 2
+    out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
+    pairs = out[: 2 * half].view(half, 2)
+    pairs[:, 0].copy_(packed[:half] & 15)
+    pairs[:, 1].copy_(packed[:half] >> 4)
+    if numel % 2:
+        out[-1] = packed[half] & 15
+    return out
+
+
+def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    return dims
+
+
+def quantize_int4_ref(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize ``p`` (any floating dtype, any shape) to packed INT4 with round-to-nearest.
+
+    Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])``;
+    the shape is the caller's to keep. Computes in fp32; non-finite inputs are the caller's problem.
+    """
+    check_group_size(group_size)
+    check_floating("p", p)
+    g = n_groups(p.numel(), group_size)
+    scale = torch.empty(g, dtype=torch.float32, device=p.device)
+    zero = torch.empty(g, dtype=torch.float32, device=p.device)
+    codes = torch.empty(p.numel(), dtype=torch.uint8, device=p.device)
+    p_parts = group_views(p.reshape(-1), group_size)
+    c_parts = group_views(codes, group_size)
+    for (x, groups), (c, _) in zip(p_parts, c_parts, strict=True):
+        x = x.to(torch.float32, copy=True)  # a copy: transformed in place below
+        mn, mx = torch.aminmax(x, dim=1)
+        s = (mx - mn).div_(15.0).masked_fill_(mx == mn, 1.0)
+        z = torch.div(mn, s).neg_()
+        scale[groups].copy_(s)
+        zero[groups].copy_(z)
+        c.copy_(x.div_(s[:, None]).add_(z[:, None]).round_().clamp_(0, 15))
+    return pack_int4_ref(codes), scale, zero
+
+
+def dequantize_int4_ref(
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    shape: Sequence[int],
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
+    check_group_size(group_size)
+    check_float_dtype(dtype)
+    dims = _as_shape(shape)
+    numel = math.prod(dims)
+    if zero is None:
+        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
+    check_stats(numel, group_size, scale, zero)
+    codes = unpack_int4_ref(packed, numel)
+    out = torch.empty(dims, dtype=dtype, device=packed.device)
+    dequantize_groups_(codes, scale, zero, group_size, out.view(-1))
+    return out
+
+
+def _dequantize_p(packed, scale, zero, p_shape, group_size) -> Tensor:
+    dims = _as_shape(p_shape)
+    if len(dims) != 2:
+        raise ValueError(f"p_shape must be 2-D, got {dims}")
+    return dequantize_int4_ref(packed, scale, zero, dims, group_size, torch.float32)
+
+
+def _check_side(side: str) -> None:
+    if side not in _SIDES:
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+
+
+def _check_2d(name: str, t: Tensor) -> None:
+    check_floating(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def int4_project_ref(
+    g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
+) -> Tensor:
+    """Project ``g [m, n]`` into the subspace of the packed P; fp32 result.
+
+    ``side="right"``: P is ``(r, n)``, returns ``g @ P^T`` of shape ``(m, r)``.
+    ``side="left"``: P is ``(m, r)``, returns ``P^T @ g`` of shape ``(r, n)``.
+    """
+    _check_side(side)
+    _check_2d("g", g)
+    p = _dequantize_p(packed, scale, zero, p_shape, group_size)
+    g32 = g.to(torch.float32)
+    if side == "right":
+        if g.shape[1] != p.shape[1]:
+            raise ValueError(
+                f"side='right' needs g (m, n) and P (r, n), got {tuple(g.shape)}, {tuple(p.shape)}"
+            )
+        return g32 @ p.T
+    if g.shape[0] != p.shape[0]:
+        raise ValueError(f"side='left' needs g (m, n) and P (m, r), got {tuple(g.shape)}, {tuple(p.shape)}")
+    return p.T @ g32
+
+
+def int4_project_back_ref(
+    low: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    p_shape: Sequence[int],
+    group_size: int,
+    side: str,
+) -> Tensor:
+    """Map a low-rank ``low`` back to the full space through the packed P; fp32 ``(m, n)`` result.
+
+    ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
+    """
+    _check_side(side)
+    _check_2d("low", low)
+    p = _dequantize_p(packed, scale, zero, p_shape, group_size)
+    low32 = low.to(torch.float32)
+    if side == "right":
+        if low.shape[1] != p.shape[0]:
+            raise ValueError(
+                f"side='right' needs low (m, r) and P (r, n), got {tuple(low.shape)}, {tuple(p.shape)}"
+            )
+        return low32 @ p
+    if low.shape[0] != p.shape[1]:
+        raise ValueError(
+            f"side='left' needs low (r, n) and P (m, r), got {tuple(low.shape)}, {tuple(p.shape)}"
+        )
+    return p @ low32
