@@ -1,0 +1,157 @@
+"""Adam moments in 32 or 8 bits, and the Adam step direction they give.
+
+The direction is what AdamW subtracts (times lr) from the weight:
+
+    m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+    direction = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+computed in fp32 whatever the gradient's dtype. GaLore projects it back to the weight's
+shape before applying it, which is why this module returns the direction instead of
+updating a parameter.
+
+8-bit moments use bitsandbytes' blockwise dynamic format (`qgl.quant.blockwise8`, block 256).
+On CUDA the update runs in bitsandbytes' fused kernel; elsewhere in `_direction_8bit_ref`,
+the same math in plain torch. As bitsandbytes does, tensors of fewer than `MIN_8BIT_SIZE`
+elements keep fp32 moments: quantizing them saves nothing and costs accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from qgl.quant.blockwise8 import dequantize_blockwise, dynamic_map, quantize_blockwise
+
+MIN_8BIT_SIZE = 4096
+"""Default size under which tensors keep fp32 moments (bitsandbytes' `min_8bit_size`)."""
+
+_QMAPS: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def _qmap(signed: bool, device: torch.device) -> Tensor:
+    key = (signed, device)
+    if key not in _QMAPS:
+        _QMAPS[key] = dynamic_map(signed).to(device)
+    return _QMAPS[key]
+
+
+def init_moments(
+    shape: tuple[int, ...], device: torch.device, bits: int, min_8bit_size: int = MIN_8BIT_SIZE
+) -> dict[str, Tensor]:
+    """Zero moments for a gradient of `shape`: fp32 tensors, or uint8 codes + fp32 block absmax."""
+    if bits not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32, got {bits}")
+    numel = math.prod(shape)
+    if bits == 32 or numel < min_8bit_size:
+        zeros = lambda: torch.zeros(shape, dtype=torch.float32, device=device)
+        return {"exp_avg": zeros(), "exp_avg_sq": zeros()}
+    n_blocks = math.ceil(numel / 256)
+    codes = lambda: torch.zeros(shape, dtype=torch.uint8, device=device)
+    absmax = lambda: torch.zeros(n_blocks, dtype=torch.float32, device=device)
+    # Code 0 is not the value 0 in the dynamic map, but absmax 0 makes every value 0.
+    return {
+        "exp_avg_codes": codes(),
+        "exp_avg_absmax": absmax(),
+        "exp_avg_sq_codes": codes(),
+        "exp_avg_sq_absmax": absmax(),
+    }
+
+
+def moments_nbytes(state: dict[str, Tensor]) -> int:
+    keys = (
+        "exp_avg",
+        "exp_avg_sq",
+        "exp_avg_codes",
+        "exp_avg_absmax",
+        "exp_avg_sq_codes",
+        "exp_avg_sq_absmax",
+    )
+    return sum(state[k].numel() * state[k].element_size() for k in keys if k in state)
+
+
+def adam_direction(
+    grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
+) -> Tensor:
+    """Advance the moments in `state` by `grad` (any float dtype) and return the fp32 direction.
+
+    `step` counts from 1. The moments in `state` are updated in place.
+    """
+    if "exp_avg" in state:
+        return _direction_32bit(grad.float(), state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, step)
+    if grad.is_cuda:
+        return _direction_8bit_bnb(grad, state, beta1, beta2, eps, step)
+    return _direction_8bit_ref(grad, state, beta1, beta2, eps, step)
+
+
+def _direction_32bit(
+    g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float, step: int
+) -> Tensor:
+    # Same operations, in the same order, as torch.optim.AdamW's single-tensor path.
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    return (exp_avg / bias_correction1).div_(denom)
+
+
+def _direction_8bit_ref(
+    grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
+) -> Tensor:
+    g = grad.float()
+    device = g.device
+    m = dequantize_blockwise(
+        state["exp_avg_codes"].view(-1), state["exp_avg_absmax"], _qmap(True, device), g.shape
+    )
+    v = dequantize_blockwise(
+        state["exp_avg_sq_codes"].view(-1), state["exp_avg_sq_absmax"], _qmap(False, device), g.shape
+    )
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # As in bitsandbytes' kernel: the direction uses the fp32 moments, then they are requantized.
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    direction = (m / (1 - beta1**step)).div_(denom)
+    for name, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        codes, absmax = quantize_blockwise(value, _qmap(signed, device))
+        if not signed:
+            # Nearest rounding would flush a tiny second moment to exactly 0, and a later step
+            # with a zero gradient (an unused embedding row, say) would divide m by eps alone.
+            # The smallest positive entry (code 1 of the sorted unsigned map) keeps v > 0.
+            codes.masked_fill_((codes == 0) & (value.view(-1) > 0), 1)
+        state[f"{name}_codes"].view(-1).copy_(codes)
+        state[f"{name}_absmax"].copy_(absmax)
+    return direction
+
+
+def _direction_8bit_bnb(
+    grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
+) -> Tensor:
+    import bitsandbytes.functional as bnbf  # imported here: its import logs warnings on CPU-only hosts
+
+    # bitsandbytes updates a parameter in place: from p = 0 with lr = 1 and no weight decay,
+    # p ends as minus the direction.
+    g = grad.float().contiguous()
+    p = torch.zeros_like(g)
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam",
+        g,
+        p,
+        state["exp_avg_codes"],
+        state["exp_avg_sq_codes"],
+        beta1,
+        beta2,
+        0.0,
+        0.0,
+        eps,
+        step,
+        1.0,
+        _qmap(True, g.device),
+        _qmap(False, g.device),
+        state["exp_avg_absmax"],
+        state["exp_avg_sq_absmax"],
+        0.0,
+        1.0,
+        False,
+    )
+    return p.neg_()

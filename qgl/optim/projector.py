@@ -1,0 +1,216 @@
+"""GaLore's projector: a low-rank basis P of one layer's gradient, stored INT4, refreshed adaptively.
+
+For a gradient G of shape (m, n) and a rank r:
+
+- m >= n, side "right": P (r, n) = Vh[:r];  low = G @ P^T, (m, r);  back = low @ P, (m, n);
+- m <  n, side "left":  P (m, r) = U[:, :r]; low = P^T @ G, (r, n);  back = P @ low, (m, n).
+
+The side is the smaller one, so P and the low-rank optimizer state are as small as they can be.
+`project_back` multiplies by `scale` (GaLore's alpha). All results are fp32.
+
+P is stored as `qgl.quant.Int4Tensor` (group-wise asymmetric INT4, two nibbles a byte) when
+`quantize`, else in fp32. The leading singular vector is also kept in fp32 (m or n floats): the
+next refresh compares against it, and its INT4 copy would add quantization noise to a cosine
+that decides the schedule.
+
+Synchronization: on CUDA, `maybe_refresh` synchronizes the device before and after the SVD to
+time it, and reads the cosine with `.item()`. Refresh steps are the only sync points; `project`
+and `project_back` never synchronize.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from qgl.optim.refresh import AdaptiveRefresh
+from qgl.optim.svd import SVD_METHODS, top_singular_vectors
+from qgl.quant.int4 import Int4Tensor
+
+_INT4_KEYS = ("packed", "scale", "zero")
+
+
+class GaLoreProjector:
+    """Projector of one 2-D parameter's gradient (see the module docstring for shapes).
+
+    Args:
+        shape: (m, n) of the gradient.
+        rank: 1 <= rank <= min(m, n).
+        scale: factor applied by `project_back` (GaLore's alpha).
+        quantize: store P as INT4 (`group_size` elements a group) instead of fp32.
+        svd_method: "full" or "randomized" (`qgl.optim.svd.top_singular_vectors`).
+        refresh: the layer's schedule and monitor; a default `AdaptiveRefresh()` if None.
+        seed: seeds the randomized SVD's sketch, together with the refresh step, so that a run
+            (and a run resumed from a checkpoint) computes the same bases.
+    """
+
+    def __init__(self, shape: tuple[int, int], rank: int, scale: float = 0.25, quantize: bool = True,
+                 group_size: int = 256, svd_method: str = "full", refresh: AdaptiveRefresh | None = None,
+                 seed: int = 0) -> None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"GaLore projects 2-D gradients; got shape {shape}")
+        m, n = shape
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank > min(m, n):
+            raise ValueError(f"rank {rank} is larger than the matrix ({m} x {n})")
+        if svd_method not in SVD_METHODS:
+            raise ValueError(f"unknown svd method {svd_method!r}; choose one of {SVD_METHODS}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.shape: tuple[int, int] = (m, n)
+        self.rank = int(rank)
+        self.scale = float(scale)
+        self.quantize = bool(quantize)
+        self.group_size = int(group_size)
+        self.svd_method = svd_method
+        self.refresh = refresh if refresh is not None else AdaptiveRefresh()
+        self.seed = int(seed)
+        self.side = "right" if m >= n else "left"
+        self._p: Int4Tensor | Tensor | None = None  # (rank, n) right / (m, rank) left
+        self._lead: Tensor | None = None  # fp32 leading singular vector, (n,) right / (m,) left
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    @property
+    def basis_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (self.rank, n) if self.side == "right" else (m, self.rank)
+
+    @property
+    def low_shape(self) -> tuple[int, int]:
+        """Shape of the projected gradient (and of the optimizer state that lives on it)."""
+        m, n = self.shape
+        return (m, self.rank) if self.side == "right" else (self.rank, n)
+
+    @property
+    def initialized(self) -> bool:
+        return self._p is not None
+
+    # -- refresh --------------------------------------------------------------------------------
+
+    def maybe_refresh(self, grad: Tensor, step: int) -> bool:
+        """Compute a new basis from `grad` (m, n) if the layer's step `step` is a refresh step.
+
+        Returns True when it refreshed. The SVD runs in fp32 whatever grad's dtype.
+        """
+        self._check_grad(grad)
+        if not self.refresh.due(step):
+            return False
+        cuda = grad.is_cuda
+        if cuda:
+            torch.cuda.synchronize(grad.device)  # time the SVD only, not the queued backward
+        t0 = time.perf_counter()
+        generator = None
+        if self.svd_method == "randomized":
+            generator = torch.Generator(device=grad.device)
+            generator.manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        basis = top_singular_vectors(grad, self.rank, self.side, self.svd_method, generator=generator)
+        if cuda:
+            torch.cuda.synchronize(grad.device)
+        seconds = time.perf_counter() - t0
+
+        lead = (basis[0] if self.side == "right" else basis[:, 0]).clone()
+        cos = None
+        if self._lead is not None:
+            # |cos|: singular vectors have no intrinsic sign (svd.py normalizes it, but a near
+            # tie in the largest entry could still flip it).
+            old = self._lead.to(lead.device)
+            denom = (lead.norm() * old.norm()).clamp_min(1e-30)
+            cos = (torch.dot(lead, old).abs() / denom).item()
+        self._lead = lead
+        self._p = Int4Tensor.from_float(basis, self.group_size) if self.quantize else basis
+        self.refresh.record(step, cos, seconds)
+        return True
+
+    # -- projections ----------------------------------------------------------------------------
+
+    def project(self, grad: Tensor) -> Tensor:
+        """Low-rank gradient, fp32: G @ P^T (m, rank) if right, P^T @ G (rank, n) if left."""
+        self._check_grad(grad)
+        p = self._require_basis()
+        if isinstance(p, Int4Tensor):
+            # Reads G in its own dtype and computes in fp32: no fp32 copy of a bf16 gradient.
+            return p.project(grad, self.side).float()
+        g = grad.float()
+        return g @ p.T if self.side == "right" else p.T @ g
+
+    def project_back(self, low: Tensor) -> Tensor:
+        """Full-shape update, fp32, times `scale`: low @ P if right, P @ low if left."""
+        if tuple(low.shape) != self.low_shape:
+            raise ValueError(f"expected a low-rank tensor of shape {self.low_shape}, got {tuple(low.shape)}")
+        p = self._require_basis()
+        low = low.float()
+        if isinstance(p, Int4Tensor):
+            full = p.project_back(low, self.side).float()
+        else:
+            full = low @ p if self.side == "right" else p @ low
+        return full * self.scale
+
+    def basis(self) -> Tensor | None:
+        """P as used by the projections (dequantized if stored INT4), fp32, or None before the
+        first refresh."""
+        if self._p is None:
+            return None
+        return self._p.dequantize(torch.float32) if isinstance(self._p, Int4Tensor) else self._p
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: P's storage (packed codes, scales and zeros if INT4) + the leading vector."""
+        total = 0
+        if isinstance(self._p, Int4Tensor):
+            total += int(self._p.nbytes)
+        elif self._p is not None:
+            total += self._p.numel() * self._p.element_size()
+        if self._lead is not None:
+            total += self._lead.numel() * self._lead.element_size()
+        return total
+
+    # -- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers, lists and None only (no strings: `torch.optim.Optimizer.load_state_dict`
+        mangles them). P appears as `proj_packed`/`proj_scale`/`proj_zero` (INT4) or `proj` (fp32)."""
+        d: dict = {"shape": list(self.shape), "rank": self.rank, "quantize": self.quantize,
+                   "group_size": self.group_size, "lead": self._lead, "refresh": self.refresh.state_dict()}
+        if isinstance(self._p, Int4Tensor):
+            sd = self._p.state_dict()
+            d.update({f"proj_{k}": sd[k] for k in _INT4_KEYS})
+        else:
+            d["proj"] = self._p
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore `state_dict`'s output. Tensors are cast back to their formats (uint8 codes, fp32
+        scales), since `Optimizer.load_state_dict` casts state to the parameter's dtype."""
+        if tuple(d["shape"]) != self.shape or int(d["rank"]) != self.rank:
+            raise ValueError(f"state of a projector of shape {tuple(d['shape'])} and rank {d['rank']} "
+                             f"cannot load into one of shape {self.shape} and rank {self.rank}")
+        self.quantize = bool(d["quantize"])
+        self.group_size = int(d["group_size"])
+        self._lead = None if d["lead"] is None else d["lead"].float()
+        self.refresh.load_state_dict(d["refresh"])
+        if "proj_packed" in d:
+            self._p = Int4Tensor.from_state_dict({
+                "packed": d["proj_packed"].to(torch.uint8), "scale": d["proj_scale"].float(),
+                "zero": d["proj_zero"].float(), "shape": self.basis_shape, "group_size": self.group_size})
+        else:
+            self._p = None if d["proj"] is None else d["proj"].float()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _check_grad(self, grad: Tensor) -> None:
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"expected a gradient of shape {self.shape}, got {tuple(grad.shape)}")
+
+    def _require_basis(self) -> Int4Tensor | Tensor:
+        if self._p is None:
+            raise RuntimeError("the projector has no basis yet: call maybe_refresh(grad, step) first")
+        return self._p
+
+    def __repr__(self) -> str:
+        return (f"GaLoreProjector(shape={self.shape}, rank={self.rank}, side={self.side!r}, "
+                f"quantize={self.quantize}, refresh={self.refresh!r})")

@@ -1,0 +1,312 @@
+"""QGaLoreAdamW: AdamW with GaLore low-rank projection, 8-bit moments and INT8-weight updates.
+
+Each parameter group is either a *GaLore group* (`rank` set: 2-D weights whose gradient is
+projected into a rank-r subspace, Adam runs there, the update is projected back and scaled)
+or a *plain group* (`rank=None`: ordinary AdamW on the full gradient). In both, moments are
+kept in 8 bits (`optim_bits=8`, bitsandbytes' blockwise format) or fp32 (`optim_bits=32`).
+
+A parameter that is the gradient carrier of a `qgl.nn.QLinear` (it has `_qgl_owner`) is
+updated through its owner: W_int8 <- SR(decay * dequant(W) + delta), stochastic rounding in
+fp32 with a seed derived from (group seed, parameter index, step), so runs are reproducible
+and nothing but the seed is needed to resume them. Other parameters are updated in place.
+
+With `layerwise=True` every trainable parameter is stepped from its post-accumulate-grad hook
+and its gradient freed at once, so no full-model gradient exists (see `qgl/optim/layerwise.py`
+for the rules on accumulation and clipping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, init_moments, moments_nbytes
+from qgl.optim.layerwise import LayerwiseDriver
+from qgl.optim.projector import GaLoreProjector
+from qgl.optim.refresh import AdaptiveRefresh
+
+GALORE_DEFAULTS: dict[str, Any] = dict(
+    rank=None,
+    update_proj_gap=200,
+    scale=0.25,
+    proj_quant=True,
+    proj_group_size=256,
+    adaptive=True,
+    cos_threshold=0.4,
+    gamma_proj=2.0,
+    queue_size=5,
+    max_gap=None,
+    svd_method="full",
+)
+
+
+def _sr_seed(seed: int, index: int, step: int) -> int:
+    # A cheap integer mix: distinct (seed, parameter, step) give unrelated Philox streams.
+    return (((seed * 0x9E3779B1) ^ (index * 0x85EBCA77)) * 0xC2B2AE3D + step) % (2**62)
+
+
+class QGaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore projection, INT4 projections, 8-bit moments and INT8 weights.
+
+    Args:
+        params: parameters or param groups (see `qgl.optim.make_param_groups`). Group keys
+            beyond AdamW's: `rank` (None: plain AdamW), `update_proj_gap`, `scale`, `proj_quant`
+            (store P in INT4), `proj_group_size`, `adaptive` (layer-adaptive refresh),
+            `cos_threshold`, `gamma_proj`, `queue_size`, `max_gap`, `svd_method`
+            ("full" | "randomized"), `optim_bits` (8 | 32), `min_8bit_size` (smaller tensors keep
+            fp32 moments), `seed` and `stochastic_rounding` (False: round INT8 updates to nearest, an
+            ablation), `names` (for monitoring).
+        layerwise: step each parameter in backward from its post-accumulate-grad hook.
+        layerwise_clip_norm: with `layerwise`, clip each parameter's gradient to this norm
+            (global clipping needs every gradient at once, which layer-wise updates never hold).
+        check_finite: raise `FloatingPointError` on a non-finite gradient (one device sync per
+            step, none inside the per-parameter loop).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        optim_bits: int = 8,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        seed: int = 0,
+        stochastic_rounding: bool = True,
+        layerwise: bool = False,
+        layerwise_clip_norm: float | None = None,
+        check_finite: bool = True,
+        **galore: Any,
+    ):
+        unknown = set(galore) - set(GALORE_DEFAULTS)
+        if unknown:
+            raise TypeError(
+                f"QGaLoreAdamW got unknown arguments {sorted(unknown)}; "
+                f"GaLore options are {sorted(GALORE_DEFAULTS)}"
+            )
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            seed=seed,
+            stochastic_rounding=stochastic_rounding,
+            **{**GALORE_DEFAULTS, **galore},
+        )
+        super().__init__(params, defaults)
+        self.check_finite = check_finite
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._name = {
+            p: name
+            for g in self.param_groups
+            for p, name in zip(g["params"], g.get("names") or [], strict=False)
+        }
+        for group in self.param_groups:
+            self._validate_group(group)
+        self.layerwise = LayerwiseDriver(self, layerwise_clip_norm) if layerwise else None
+        if layerwise_clip_norm is not None and not layerwise:
+            raise ValueError(
+                "layerwise_clip_norm needs layerwise=True; without it, clip with "
+                "torch.nn.utils.clip_grad_norm_ over all parameters (INT8 weights included)"
+            )
+
+    # ----------------------------------------------------------------- set-up and names
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        rank = group["rank"]
+        if rank is None:
+            return
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        for p in group["params"]:
+            name = self.param_name(p)
+            if p.ndim != 2:
+                raise ValueError(
+                    f"GaLore group parameter {name} has shape {tuple(p.shape)}: only 2-D weights "
+                    "can be projected; put it in a group with rank=None"
+                )
+            if rank > min(p.shape):
+                raise ValueError(
+                    f"rank {rank} is larger than the matrix {name} ({p.shape[0]} x {p.shape[1]})"
+                )
+
+    def param_name(self, p: Tensor) -> str:
+        """The name given in the group's `names`, else `param<index>`."""
+        return self._name.get(p, f"param{self._index[p]}")
+
+    def _new_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
+        refresh = AdaptiveRefresh(
+            update_proj_gap=group["update_proj_gap"],
+            adaptive=group["adaptive"],
+            cos_threshold=group["cos_threshold"],
+            gamma_proj=group["gamma_proj"],
+            queue_size=group["queue_size"],
+            max_gap=group["max_gap"],
+        )
+        return GaLoreProjector(
+            tuple(p.shape),
+            group["rank"],
+            scale=group["scale"],
+            quantize=group["proj_quant"],
+            group_size=group["proj_group_size"],
+            svd_method=group["svd_method"],
+            refresh=refresh,
+        )
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["step"] = 0
+        if group["rank"] is None:
+            state.update(init_moments(tuple(p.shape), p.device, group["optim_bits"], group["min_8bit_size"]))
+            return
+        projector = self._new_projector(p, group)
+        state["projector"] = projector
+        m, n = p.shape
+        low_shape = (m, group["rank"]) if m >= n else (group["rank"], n)
+        state.update(init_moments(low_shape, p.device, group["optim_bits"], group["min_8bit_size"]))
+
+    # ----------------------------------------------------------------- the update
+
+    @torch.no_grad()
+    def update_param(self, p: Tensor) -> None:
+        """Apply one AdamW step to `p` from `p.grad` (does not free the gradient)."""
+        group = self._group_of[p]
+        state = self.state[p]
+        if not state:
+            self._init_state(p, group, state)
+        state["step"] += 1
+        step = state["step"]
+        beta1, beta2 = group["betas"]
+        grad = p.grad
+        projector: GaLoreProjector | None = state.get("projector")
+        if projector is not None:
+            projector.maybe_refresh(grad, step - 1)
+            low = projector.project(grad)
+            update = projector.project_back(adam_direction(low, state, beta1, beta2, group["eps"], step))
+        else:
+            update = adam_direction(grad, state, beta1, beta2, group["eps"], step)
+        lr = group["lr"]
+        decay = 1.0 - lr * group["weight_decay"]
+        owner = getattr(p, "_qgl_owner", None)
+        if owner is not None:
+            seed = _sr_seed(group["seed"], self._index[p], step) if group["stochastic_rounding"] else None
+            owner.apply_weight_update_(update.mul_(-lr), decay, seed)
+            return
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(update.to(p.dtype), alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Step every parameter that holds a gradient (with `layerwise`, those the hooks deferred)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.check_finite and pending:
+            self._raise_if_nonfinite(pending, [p.grad for p in pending])
+        for p in pending:
+            self.update_param(p)
+            if self.layerwise is not None:
+                p.grad = None
+        if self.layerwise is not None:
+            self.layerwise.raise_if_nonfinite()
+        return loss
+
+    def _raise_if_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if not bool(finite.all()):  # the one device sync of the step
+            bad = [self.param_name(p) for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
+            raise FloatingPointError(f"non-finite gradient in {bad}; no parameter was updated this step")
+
+    # ----------------------------------------------------------------- monitoring
+
+    def subspace_stats(self) -> dict[str, dict[str, Any]]:
+        """Per GaLore parameter: SVD count and seconds, current gap, last cosine, frozen flag."""
+        stats = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                projector = self.state[p].get("projector") if p in self.state else None
+                if projector is None:
+                    continue
+                r = projector.refresh
+                stats[self.param_name(p)] = dict(
+                    step=self.state[p]["step"],
+                    svd_count=r.svd_count,
+                    svd_seconds=r.svd_seconds,
+                    gap=r.gap,
+                    last_cos=r.last_cos,
+                    frozen=r.frozen,
+                    refresh_steps=list(r.refresh_steps),
+                    galore_svds=r.galore_svds(self.state[p]["step"]),
+                )
+        return stats
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes held by the optimizer: Adam moments and projection matrices."""
+        moments = projections = 0
+        for state in self.state.values():
+            moments += moments_nbytes(state)
+            if "projector" in state:
+                projections += state["projector"].nbytes
+        return {"moments": moments, "projections": projections}
+
+    # ----------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        # super() shares the live per-parameter dicts: copy them before swapping projectors out.
+        sd["state"] = {
+            k: {key: (v.state_dict() if isinstance(v, GaLoreProjector) else v) for key, v in st.items()}
+            for k, st in sd["state"].items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `state_dict()`; tensors keep their saved dtype (torch's default would cast
+        fp32 moment scales to a bf16 parameter's dtype)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, the optimizer {len(self.param_groups)}"
+            )
+        id_to_param = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("state_dict's param groups do not match the optimizer's (different sizes)")
+            id_to_param.update(zip(saved["params"], group["params"], strict=True))
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state.clear()
+        for key, saved_state in state_dict["state"].items():
+            p = id_to_param[key]
+            state = {k: _to_device(v, p.device) for k, v in saved_state.items() if k != "projector"}
+            if "projector" in saved_state:
+                projector = self._new_projector(p, self._group_of[p])
+                projector.load_state_dict(_to_device(saved_state["projector"], p.device))
+                state["projector"] = projector
+            self.state[p] = state
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value

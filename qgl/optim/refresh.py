@@ -1,0 +1,158 @@
+"""The per-layer refresh schedule of Q-GaLore's layer-adaptive subspace update, and its monitor.
+
+Each projected layer owns one `AdaptiveRefresh`. It only does bookkeeping (no tensors): the
+projector asks `due(step)` with the layer's own step count and, when it ran an SVD, reports
+`record(step, cos, seconds)`.
+
+Schedule (DESIGN.md, "The algorithm, precisely"):
+
+- a refresh is due at the layer's step 0 and then every `gap` steps of that layer
+  (`next_refresh = last refresh step + gap`, so a change of gap takes effect from the refresh
+  that caused it);
+- at every refresh after the first, the caller reports the cosine similarity between the new
+  and the previous leading singular vector; it is pushed into a queue of the last
+  `queue_size` values;
+- when the queue is full and its mean is >= `cos_threshold`, the subspace is deemed stable:
+  `gap = min(int(gap * gamma_proj), max_gap)` (at least gap + 1 when gamma_proj > 1, so that a
+  small gap with a small gamma still grows).
+
+What the paper leaves open, decided here:
+
+- The queue is cleared after each lengthening (the reference code keeps a sliding window, so
+  once the mean crosses the threshold the gap grows at *every* following refresh, i.e.
+  geometrically in the number of SVDs). Clearing means each lengthening needs a fresh full
+  queue of evidence measured at the new gap, where the subspace has had longer to move.
+- `max_gap` (default: no cap) bounds the gap; once reached the queue is no longer filled.
+- The gap never shrinks: a rotating subspace only stops it from growing.
+- `frozen` reports a layer whose gap reached `frozen_gap` (default 8x the initial gap) or
+  `max_gap`: it refreshes so rarely that its subspace is practically fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class AdaptiveRefresh:
+    """Refresh schedule and monitor of one projected layer.
+
+    Monitoring figures: `svd_count`, `gap`, `last_cos` (float or None), `svd_seconds` (total),
+    `refresh_steps` (layer steps at which SVDs ran), `next_refresh`, `frozen`.
+    """
+
+    def __init__(self, update_proj_gap: int = 200, adaptive: bool = True, cos_threshold: float = 0.4,
+                 gamma_proj: float = 2.0, queue_size: int = 5, max_gap: int | None = None,
+                 frozen_gap: int | None = None) -> None:
+        if int(update_proj_gap) != update_proj_gap or update_proj_gap < 1:
+            raise ValueError(f"update_proj_gap must be an integer >= 1, got {update_proj_gap}")
+        if not 0.0 <= cos_threshold <= 1.0:
+            raise ValueError(f"cos_threshold must be in [0, 1], got {cos_threshold}")
+        if not gamma_proj >= 1.0:
+            raise ValueError(f"gamma_proj must be >= 1, got {gamma_proj}")
+        if int(queue_size) != queue_size or queue_size < 1:
+            raise ValueError(f"queue_size must be an integer >= 1, got {queue_size}")
+        if max_gap is not None and max_gap < update_proj_gap:
+            raise ValueError(f"max_gap ({max_gap}) must be >= update_proj_gap ({update_proj_gap})")
+        if frozen_gap is not None and frozen_gap < 1:
+            raise ValueError(f"frozen_gap must be >= 1, got {frozen_gap}")
+        self.update_proj_gap = int(update_proj_gap)
+        self.adaptive = bool(adaptive)
+        self.cos_threshold = float(cos_threshold)
+        self.gamma_proj = float(gamma_proj)
+        self.queue_size = int(queue_size)
+        self.max_gap = None if max_gap is None else int(max_gap)
+        self.frozen_gap = 8 * self.update_proj_gap if frozen_gap is None else int(frozen_gap)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.gap: int = self.update_proj_gap
+        self.next_refresh: int = 0
+        self.svd_count: int = 0
+        self.svd_seconds: float = 0.0
+        self.last_cos: float | None = None
+        self.refresh_steps: list[int] = []
+        self._queue: deque[float] = deque(maxlen=self.queue_size)
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether the layer must compute a new basis at its step `step` (0-based)."""
+        return step >= self.next_refresh
+
+    def record(self, step: int, cos: float | None, seconds: float) -> None:
+        """Report a refresh at layer step `step`.
+
+        Args:
+            cos: |cos| between the new and the previous leading singular vector, None at the
+                first refresh (nothing to compare with).
+            seconds: wall time of the SVD.
+        """
+        self.svd_count += 1
+        self.svd_seconds += float(seconds)
+        self.refresh_steps.append(int(step))
+        self.last_cos = None if cos is None else float(cos)
+        if cos is not None and self.adaptive and not self._at_cap():
+            self._queue.append(float(cos))
+            full = len(self._queue) == self.queue_size
+            if full and sum(self._queue) / self.queue_size >= self.cos_threshold:
+                new_gap = int(self.gap * self.gamma_proj)
+                if self.gamma_proj > 1.0:
+                    new_gap = max(new_gap, self.gap + 1)  # int() would keep a gap of 1 at 1 forever
+                if self.max_gap is not None:
+                    new_gap = min(new_gap, self.max_gap)
+                self.gap = max(new_gap, self.gap)
+                self._queue.clear()  # the next lengthening needs a fresh, full queue
+        self.next_refresh = int(step) + self.gap
+
+    def _at_cap(self) -> bool:
+        return self.max_gap is not None and self.gap >= self.max_gap
+
+    # -- monitoring -----------------------------------------------------------------------------
+
+    @property
+    def queue(self) -> list[float]:
+        """The cosine similarities gathered since the last change of gap (oldest first)."""
+        return list(self._queue)
+
+    @property
+    def frozen(self) -> bool:
+        """True once the gap reached `frozen_gap` or `max_gap`: the subspace barely moves."""
+        return self.gap >= self.frozen_gap or self._at_cap()
+
+    def galore_svds(self, steps: int) -> int:
+        """SVDs that plain GaLore's fixed schedule (every `update_proj_gap` steps from step 0)
+        would have run over the layer steps 0 .. steps - 1. `galore_svds(n) - svd_count` is
+        the number of SVDs saved."""
+        return max(0, math.ceil(int(steps) / self.update_proj_gap))
+
+    # -- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain python numbers and lists: the configuration and the schedule's state."""
+        return {
+            "update_proj_gap": self.update_proj_gap, "adaptive": self.adaptive,
+            "cos_threshold": self.cos_threshold, "gamma_proj": self.gamma_proj,
+            "queue_size": self.queue_size, "max_gap": self.max_gap, "frozen_gap": self.frozen_gap,
+            "gap": self.gap, "next_refresh": self.next_refresh, "svd_count": self.svd_count,
+            "svd_seconds": self.svd_seconds, "last_cos": self.last_cos,
+            "refresh_steps": list(self.refresh_steps), "queue": list(self._queue),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what `state_dict` saved, configuration included (a resumed run continues
+        the schedule it was on, whatever the constructor was given)."""
+        self.__init__(update_proj_gap=d["update_proj_gap"], adaptive=d["adaptive"],
+                      cos_threshold=d["cos_threshold"], gamma_proj=d["gamma_proj"],
+                      queue_size=d["queue_size"], max_gap=d["max_gap"], frozen_gap=d["frozen_gap"])
+        self.gap = int(d["gap"])
+        self.next_refresh = int(d["next_refresh"])
+        self.svd_count = int(d["svd_count"])
+        self.svd_seconds = float(d["svd_seconds"])
+        self.last_cos = None if d["last_cos"] is None else float(d["last_cos"])
+        self.refresh_steps = [int(s) for s in d["refresh_steps"]]
+        self._queue.extend(float(c) for c in d["queue"])
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveRefresh(gap={self.gap}, svd_count={self.svd_count}, next_refresh="
+                f"{self.next_refresh}, last_cos={self.last_cos}, frozen={self.frozen})")

@@ -1,0 +1,214 @@
+"""QGaLoreAdamW against torch's AdamW and a plain GaLore reference; errors; checkpoints."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qgl.optim import QGaLoreAdamW, make_param_groups
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 8))
+
+
+def _batches(n: int, seed: int = 1):
+    """Inputs and the targets of a fixed random teacher: a task the MLP can learn."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(32, 8, generator=g) / 32**0.5
+    xs = [torch.randn(16, 32, generator=g) for _ in range(n)]
+    return [(x, torch.tanh(x @ teacher) + 0.01 * torch.randn(16, 8, generator=g)) for x in xs]
+
+
+def _train(model, opt, batches):
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_full_rank_matches_torch_adamw():
+    ref, ours = _mlp(), _mlp()
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    batches = _batches(20)
+    _train(ref, torch.optim.AdamW(ref.parameters(), **kw), batches)
+    _train(ours, QGaLoreAdamW(ours.parameters(), optim_bits=32, rank=None, **kw), batches)
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _leading_sign_fix(basis: torch.Tensor, dim: int) -> torch.Tensor:
+    # The projector's convention: each singular vector's largest-magnitude entry is positive.
+    idx = basis.abs().argmax(dim=dim, keepdim=True)
+    return basis * torch.sign(basis.gather(dim, idx))
+
+
+def _galore_reference_step(w, g, st, step, rank, gap, scale, lr, wd, b1, b2, eps):
+    """GaLore written out: SVD every `gap` steps, Adam on the projected gradient, project back."""
+    m, n = w.shape
+    if step % gap == 0:
+        u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+        st["P"] = _leading_sign_fix(vh[:rank], 1) if m >= n else _leading_sign_fix(u[:, :rank], 0)
+    p = st["P"]
+    r = g @ p.T if m >= n else p.T @ g
+    st.setdefault("m", torch.zeros_like(r))
+    st.setdefault("v", torch.zeros_like(r))
+    st["m"].mul_(b1).add_(r, alpha=1 - b1)
+    st["v"].mul_(b2).addcmul_(r, r, value=1 - b2)
+    t = step + 1
+    direction = (st["m"] / (1 - b1**t)) / (st["v"].sqrt() / math.sqrt(1 - b2**t) + eps)
+    full = direction @ p if m >= n else p @ direction
+    w.mul_(1 - lr * wd).add_(full * scale, alpha=-lr)
+
+
+def test_galore_without_quantization_matches_reference():
+    ref, ours = _mlp(), _mlp()
+    kw = dict(rank=4, update_proj_gap=5, scale=0.5, proj_quant=False, adaptive=False)
+    lr, wd, b1, b2, eps = 1e-2, 0.05, 0.9, 0.99, 1e-8
+    opt = QGaLoreAdamW(
+        make_param_groups(ours, target_modules=["0", "2", "4"], weight_decay=wd, **kw),
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        optim_bits=32,
+    )
+    ref_states: dict = {}
+    ref_opt = torch.optim.AdamW(
+        [p for p in ref.parameters() if p.ndim == 1], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0
+    )
+    for step, (x, y) in enumerate(_batches(20)):
+        for model in (ref, ours):
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if p.ndim == 2:
+                    _galore_reference_step(
+                        p, p.grad, ref_states.setdefault(name, {}), step, 4, 5, 0.5, lr, wd, b1, b2, eps
+                    )
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    stats = opt.subspace_stats()
+    assert set(stats) == {"0.weight", "2.weight", "4.weight"}
+    assert all(s["svd_count"] == 4 and s["gap"] == 5 for s in stats.values())
+
+
+def test_8bit_moments_track_32bit():
+    a, b = _mlp(), _mlp()
+    batches = _batches(60)
+    la = _train(a, QGaLoreAdamW(make_param_groups(a, rank=None), lr=1e-2, optim_bits=32), batches)
+    lb = _train(
+        b, QGaLoreAdamW(make_param_groups(b, rank=None), lr=1e-2, optim_bits=8, min_8bit_size=0), batches
+    )
+    assert la[-1] < 0.3 * la[0]
+    assert lb[-1] < 0.3 * lb[0]
+    assert abs(lb[-1] - la[-1]) < 0.05 * la[0], (la[-1], lb[-1])
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_8bit_reference_as_accurate_as_bitsandbytes():
+    """Our plain-torch 8-bit Adam and bitsandbytes' CPU kernel, both against fp32 Adam.
+
+    bitsandbytes' code search is not an exact nearest-entry rounding, so bits differ on a few
+    percent of codes; what must hold is that ours tracks fp32 Adam at least as well."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from qgl.optim.adam import _direction_8bit_ref, _qmap, adam_direction, init_moments
+
+    g0 = torch.randn(64, 96) * torch.logspace(-3, 0, 96)  # columns of very different scales
+    exact, ours = init_moments(g0.shape, g0.device, 32), init_moments(g0.shape, g0.device, 8, 0)
+    theirs = {k: v.clone() for k, v in ours.items()}
+    for step in range(1, 11):
+        grad = g0 * (1 + 0.3 * torch.randn(64, 96))
+        grad[:4] = 0  # rows without gradient this step, as an unused embedding row has
+        d_exact = adam_direction(grad, exact, 0.9, 0.999, 1e-8, step)
+        d_ours = _direction_8bit_ref(grad, ours, 0.9, 0.999, 1e-8, step)
+        p = torch.zeros_like(grad)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam",
+            grad,
+            p,
+            theirs["exp_avg_codes"],
+            theirs["exp_avg_sq_codes"],
+            0.9,
+            0.999,
+            0.0,
+            0.0,
+            1e-8,
+            step,
+            1.0,
+            _qmap(True, g0.device),
+            _qmap(False, g0.device),
+            theirs["exp_avg_absmax"],
+            theirs["exp_avg_sq_absmax"],
+            0.0,
+            1.0,
+            False,
+        )
+        err_ours, err_bnb = _rel_err(d_ours, d_exact), _rel_err(-p, d_exact)
+        # Measured: ours 0.19-0.22, bitsandbytes 0.41-0.43 (gradient scales span 1e-3..1 in a block).
+        assert err_ours < 0.3, (step, err_ours)
+        assert err_ours <= err_bnb + 1e-6, (step, err_ours, err_bnb)
+    assert d_ours.abs().max() < 10  # no m / eps blow-up on the zero-gradient rows
+
+
+def test_bad_input_errors():
+    model = _mlp()
+    with pytest.raises(ValueError, match="rank 100 is larger than the matrix 0.weight"):
+        QGaLoreAdamW(make_param_groups(model, rank=100, target_modules=["0"]))
+    with pytest.raises(ValueError, match="only 2-D weights"):
+        QGaLoreAdamW([{"params": [model[0].bias], "rank": 4}])
+    with pytest.raises(ValueError, match="no linear module matches"):
+        make_param_groups(model, rank=4, target_modules=["attn"])
+    with pytest.raises(TypeError, match="unknown"):
+        QGaLoreAdamW(model.parameters(), rnak=4)
+    with pytest.raises(ValueError, match="optim_bits"):
+        QGaLoreAdamW(model.parameters(), optim_bits=4)
+
+
+def test_nan_gradient_raises_before_any_update():
+    model = _mlp()
+    opt = QGaLoreAdamW(make_param_groups(model, rank=4, target_modules=["0", "2"]), lr=1e-2)
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FloatingPointError, match=r"2\.weight"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_state_dict_resume_gives_identical_losses(tmp_path):
+    batches = _batches(24)
+    kw = dict(rank=4, update_proj_gap=3, queue_size=2, cos_threshold=0.0, proj_quant=True)
+
+    def make():
+        m = _mlp()
+        return m, QGaLoreAdamW(make_param_groups(m, target_modules=["0", "2"], **kw), lr=5e-3)
+
+    model, opt = make()
+    straight = _train(model, opt, batches)
+
+    model, opt = make()
+    first = _train(model, opt, batches[:10])
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model, opt = make()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    resumed = first + _train(model, opt, batches[10:])
+    assert resumed == straight
+    # The adaptive schedule (gaps, queues) came back too: it lengthened the gap identically.
+    assert opt.subspace_stats()["0.weight"]["gap"] > 3

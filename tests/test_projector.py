@@ -1,0 +1,191 @@
+"""GaLoreProjector: sides and shapes, exactness in fp32, INT4 error bound, checkpoints, errors."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from qgl.optim.projector import GaLoreProjector
+from qgl.optim.refresh import AdaptiveRefresh
+from qgl.quant.int4 import Int4Tensor
+
+
+def _rank_r_reconstruction(g: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    return (u[:, :r] @ torch.diag(s[:r]) @ vh[:r]).float()
+
+
+@pytest.mark.parametrize(("shape", "side", "basis_shape", "low_shape"), [
+    ((64, 32), "right", (8, 32), (64, 8)),
+    ((32, 64), "left", (32, 8), (8, 64)),
+    ((40, 40), "right", (8, 40), (40, 8)),
+])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_sides_and_shapes(shape, side, basis_shape, low_shape, quantize):
+    proj = GaLoreProjector(shape, rank=8, quantize=quantize)
+    assert proj.side == side and proj.basis_shape == basis_shape and proj.low_shape == low_shape
+    g = torch.randn(shape)
+    assert proj.maybe_refresh(g, 0) and not proj.maybe_refresh(g, 1)
+    low = proj.project(g)
+    assert low.shape == low_shape and low.dtype == torch.float32
+    back = proj.project_back(low)
+    assert back.shape == shape and back.dtype == torch.float32
+    assert proj.basis().shape == basis_shape
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+@pytest.mark.parametrize("rank", [1, 5, 32])
+def test_fp32_round_trip_is_the_rank_r_svd_reconstruction(shape, rank):
+    g = torch.randn(shape)
+    proj = GaLoreProjector(shape, rank=rank, scale=0.25, quantize=False)
+    proj.maybe_refresh(g, 0)
+    back = proj.project_back(proj.project(g))
+    torch.testing.assert_close(back, 0.25 * _rank_r_reconstruction(g, rank), atol=2e-5, rtol=1e-4)
+    if rank == min(shape):  # a full basis: the identity
+        torch.testing.assert_close(back, 0.25 * g, atol=2e-5, rtol=1e-4)
+
+
+def _int4_error_bound(p: torch.Tensor, group_size: int) -> float:
+    """A-priori bound on ||dequant(quant(P)) - P||_F: round-to-nearest errs by at most half a
+    step, (max - min) / 15 / 2, on each element of a group."""
+    flat = p.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), group_size):
+        grp = flat[start:start + group_size]
+        half_step = (grp.max() - grp.min()).item() / 15 / 2
+        total += grp.numel() * half_step**2
+    return math.sqrt(total)
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96)])
+def test_int4_round_trip_within_the_quantization_bound(shape):
+    g = torch.randn(shape)
+    rank, scale, group = 16, 0.25, 256
+    fp = GaLoreProjector(shape, rank, scale=scale, quantize=False)
+    q4 = GaLoreProjector(shape, rank, scale=scale, quantize=True, group_size=group)
+    fp.maybe_refresh(g, 0)
+    q4.maybe_refresh(g, 0)
+    p = fp.basis()
+    e = _int4_error_bound(p, group)
+    assert (q4.basis() - p).norm().item() <= e * (1 + 1e-5)
+    # The projections use the dequantized P.
+    pq = q4.basis()
+    expect_low = g @ pq.T if q4.side == "right" else pq.T @ g
+    torch.testing.assert_close(q4.project(g), expect_low, atol=1e-4, rtol=1e-4)
+    # ||G (Pq^T Pq - P^T P)|| <= ||G||_2 (2 e + e^2) since ||P||_2 = 1 (same on the left).
+    err = (q4.project_back(q4.project(g)) - fp.project_back(fp.project(g))).norm().item()
+    bound = scale * torch.linalg.matrix_norm(g, ord=2).item() * (2 * e + e * e)
+    assert err <= bound * (1 + 1e-4), f"INT4 round-trip error {err:.4f} > bound {bound:.4f}"
+    rel = err / fp.project_back(fp.project(g)).norm().item()
+    assert rel < 0.25, f"relative INT4 round-trip error {rel:.3f}"
+
+
+def test_bf16_gradient_gives_fp32_results():
+    g = torch.randn(64, 32).bfloat16()
+    proj = GaLoreProjector((64, 32), 4, quantize=True)
+    proj.maybe_refresh(g, 0)
+    low = proj.project(g)
+    assert low.dtype == torch.float32 and proj.basis().dtype == torch.float32
+    torch.testing.assert_close(low, g.float() @ proj.basis().T, atol=1e-4, rtol=1e-4)
+    assert proj.project_back(low).dtype == torch.float32
+
+
+def test_nbytes():
+    q4 = GaLoreProjector((512, 256), 64, quantize=True)
+    fp = GaLoreProjector((512, 256), 64, quantize=False)
+    assert q4.nbytes == fp.nbytes == 0
+    g = torch.randn(512, 256)
+    q4.maybe_refresh(g, 0)
+    fp.maybe_refresh(g, 0)
+    lead = 256 * 4
+    assert fp.nbytes == 64 * 256 * 4 + lead
+    n_groups = 64 * 256 // 256
+    assert q4.nbytes == 64 * 256 // 2 + 2 * 4 * n_groups + lead  # codes + fp32 scale and zero
+    assert q4.nbytes * 5 < fp.nbytes
+
+
+def _sample(step: int, base: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return base + 0.3 * torch.randn(base.shape, generator=gen)
+
+
+@pytest.mark.parametrize(("shape", "quantize", "method"), [
+    ((64, 32), True, "full"), ((32, 64), True, "randomized"), ((64, 32), False, "randomized"),
+])
+def test_state_dict_round_trip_mid_run(shape, quantize, method):
+    base = torch.randn(shape)
+    make = lambda: GaLoreProjector(shape, 4, quantize=quantize, svd_method=method, seed=3,
+                                   refresh=AdaptiveRefresh(update_proj_gap=5, queue_size=2))
+    a = make()
+    for step in range(23):
+        a.maybe_refresh(_sample(step, base), step)
+    assert a.refresh.gap > 5  # the gap changed before the checkpoint
+
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = GaLoreProjector(shape, 4, quantize=quantize, svd_method=method, seed=3)  # default refresh
+    b.load_state_dict(torch.load(buf))
+    assert torch.equal(a.basis(), b.basis())
+
+    for step in range(23, 120):
+        g = _sample(step, base)
+        assert a.maybe_refresh(g, step) == b.maybe_refresh(g, step)
+        la, lb = a.project(g), b.project(g)
+        assert torch.equal(la, lb)
+        assert torch.equal(a.project_back(la), b.project_back(lb))
+    sa, sb = a.state_dict(), b.state_dict()
+    ra, rb = sa.pop("refresh"), sb.pop("refresh")
+    ra.pop("svd_seconds"), rb.pop("svd_seconds")  # wall time differs, everything else must not
+    assert sa.keys() == sb.keys() and ra == rb
+    for k, v in sa.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, sb[k]), k
+    assert a.refresh.svd_count < a.refresh.galore_svds(120)
+
+
+def test_state_dict_has_no_strings_and_survives_a_dtype_cast():
+    # torch.optim.Optimizer.load_state_dict casts state tensors to the parameter's dtype and
+    # turns strings into garbage; the projector's state must come back usable from that.
+    proj = GaLoreProjector((64, 32), 4, quantize=True)
+    g = torch.randn(64, 32)
+    proj.maybe_refresh(g, 0)
+    sd = proj.state_dict()
+    flat = list(sd.values()) + list(sd["refresh"].values())
+    assert not any(isinstance(v, str) for v in flat)
+    assert isinstance(sd["proj_packed"], torch.Tensor) and sd["proj_packed"].dtype == torch.uint8
+    cast = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    other = GaLoreProjector((64, 32), 4, quantize=True)
+    other.load_state_dict(cast)
+    assert torch.equal(other.state_dict()["proj_packed"], sd["proj_packed"])  # codes survive exactly
+    torch.testing.assert_close(other.project(g), proj.project(g), atol=0.05, rtol=0.02)
+
+
+def test_int4_storage_is_an_int4_tensor():
+    proj = GaLoreProjector((64, 32), 4, quantize=True, group_size=64)
+    proj.maybe_refresh(torch.randn(64, 32), 0)
+    assert isinstance(proj._p, Int4Tensor) and proj._p.group_size == 64
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"rank 33 is larger than the matrix \(64 x 32\)"):
+        GaLoreProjector((64, 32), 33)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        GaLoreProjector((64, 32), 0)
+    with pytest.raises(ValueError, match="2-D"):
+        GaLoreProjector((4, 5, 6), 2)
+    with pytest.raises(ValueError, match="2-D"):
+        GaLoreProjector((64,), 2)
+    with pytest.raises(ValueError, match=r"unknown svd method 'lanczos'.*full.*randomized"):
+        GaLoreProjector((64, 32), 4, svd_method="lanczos")
+    proj = GaLoreProjector((64, 32), 4)
+    with pytest.raises(RuntimeError, match="maybe_refresh"):
+        proj.project(torch.randn(64, 32))
+    with pytest.raises(ValueError, match=r"shape \(64, 32\)"):
+        proj.maybe_refresh(torch.randn(32, 64), 0)
+    proj.maybe_refresh(torch.randn(64, 32), 0)
+    with pytest.raises(ValueError, match="low-rank"):
+        proj.project_back(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="cannot load"):
+        GaLoreProjector((64, 32), 8).load_state_dict(proj.state_dict())
