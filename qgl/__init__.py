@@ -1,0 +1,38 @@
+"""qgl: train and fine-tune LLMs in a fraction of the GPU memory with Q-GaLore, as Lightning parts.
+
+The public API is this list; everything else is an implementation detail.
+
+Core (plain PyTorch, no Lightning needed):
+    QGaLoreAdamW       the optimizer: GaLore projection, INT4 projections, 8-bit moments,
+                       INT8 weights with stochastic rounding, layer-wise updates
+    make_param_groups  split a model into GaLore and plain AdamW groups by module name
+    QLinear            nn.Linear with INT8 group-quantized weight storage
+    quantize_model     swap chosen nn.Linear modules for QLinear, in place
+
+Lightning (imported on first use):
+    QGaLoreCallback, SubspaceMonitor, MemoryMonitor   callbacks (qgl.callbacks)
+    CausalLMModule                                    LightningModule for causal LMs
+"""
+
+from importlib import import_module
+from typing import Any
+
+from qgl.nn import QLinear, quantize_model
+from qgl.optim import QGaLoreAdamW, make_param_groups
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "QGaLoreCallback": "qgl.callbacks",
+    "SubspaceMonitor": "qgl.callbacks",
+    "MemoryMonitor": "qgl.callbacks",
+    "CausalLMModule": "qgl.lightning",
+}
+
+__all__ = ["QGaLoreAdamW", "make_param_groups", "QLinear", "quantize_model", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qgl' has no attribute {name!r}")
