@@ -17,7 +17,9 @@ elements keep fp32 moments: quantizing them saves nothing and costs accuracy.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -80,9 +82,24 @@ def adam_direction(
     """
     if "exp_avg" in state:
         return _direction_32bit(grad.float(), state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, step)
-    if grad.is_cuda:
+    if grad.is_cuda and _bitsandbytes() is not None:
         return _direction_8bit_bnb(grad, state, beta1, beta2, eps, step)
     return _direction_8bit_ref(grad, state, beta1, beta2, eps, step)
+
+
+@functools.cache
+def _bitsandbytes():
+    """bitsandbytes.functional, or None (with one warning) where it is not installed."""
+    try:
+        import bitsandbytes.functional as bnbf  # imported late: its import logs warnings on CPU-only hosts
+    except ImportError:
+        warnings.warn(
+            "bitsandbytes is not installed: 8-bit Adam runs the plain-torch reference on CUDA "
+            "(same math, slower); `pip install bitsandbytes` for the fused kernel",
+            stacklevel=3,
+        )
+        return None
+    return bnbf
 
 
 def _direction_32bit(
@@ -127,8 +144,7 @@ def _direction_8bit_ref(
 def _direction_8bit_bnb(
     grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
 ) -> Tensor:
-    import bitsandbytes.functional as bnbf  # imported here: its import logs warnings on CPU-only hosts
-
+    bnbf = _bitsandbytes()
     # bitsandbytes updates a parameter in place: from p = 0 with lr = 1 and no weight decay,
     # p ends as minus the direction.
     g = grad.float().contiguous()

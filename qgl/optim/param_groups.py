@@ -27,14 +27,18 @@ def make_param_groups(
     model: nn.Module,
     rank: int | None = 256,
     target_modules: Sequence[str] = ("attn", "mlp"),
+    exclude: Sequence[str] = (),
     weight_decay: float = 0.0,
     no_decay: Sequence[str] = NO_DECAY,
     **galore: Any,
 ) -> list[dict[str, Any]]:
-    """Param groups for `QGaLoreAdamW`: the weights of the linear modules whose qualified name
-    matches `target_modules` go to a GaLore group of `rank` (with `galore` options such as
-    `update_proj_gap`, `scale`, `proj_quant`); every other trainable parameter to plain
-    groups, with `weight_decay` except for names containing one of `no_decay`.
+    """Param groups for `QGaLoreAdamW`.
+
+    The weights of the linear modules whose qualified name matches `target_modules` and not
+    `exclude` (substrings, or "re:<regex>", as in `quantize_model`) go to a GaLore group of
+    `rank` (with `galore` options such as `update_proj_gap`, `scale`, `proj_quant`); every
+    other trainable parameter to plain groups, with `weight_decay` except for names
+    containing one of `no_decay`.
     Each group carries the parameter names under `names`, for monitoring."""
     unknown = (
         set(galore)
@@ -46,7 +50,11 @@ def make_param_groups(
     galore_weights = set()
     if rank is not None:
         for module_name, module in model.named_modules():
-            if _is_linear(module) and _matches(module_name, target_modules):
+            if (
+                _is_linear(module)
+                and _matches(module_name, target_modules)
+                and not _matches(module_name, exclude)
+            ):
                 galore_weights.add(f"{module_name}.weight" if module_name else "weight")
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"galore": [], "decay": [], "no_decay": []}
     for name, p in model.named_parameters():
