@@ -1,0 +1,157 @@
+"""MemoryMonitor: peak memory per step and what it is made of."""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from qgl.nn import quantized_modules
+
+PARTS = ("int8_weights", "params", "buffers", "optimizer_moments", "projections", "activations_other")
+_MIB = 2**20
+
+
+class MemoryMonitor(Callback):
+    """Measure the peak memory of every optimizer step and split it into parts.
+
+    On CUDA the peak is `torch.cuda.max_memory_allocated` over the step (reset at its start); on
+    CPU it is the process's peak resident set size (`resource.getrusage`; the current RSS comes
+    from `/proc/self/statm`), which also counts the interpreter and libraries. The parts:
+    `int8_weights` (the buffers of `qgl.nn.QLinear`s), `params` (other parameters, each storage
+    once: a QLinear's gradient carrier costs one element), `buffers` (other buffers),
+    `optimizer_moments` and `projections` (`optimizer.state_nbytes()`; other optimizers: the bytes
+    of their state tensors, as moments) and `activations_other` = peak - the rest (activations,
+    gradients, which layer-wise updates keep to a layer or two, and temporaries).
+
+    Logs `memory/<part>_mib`, `memory/peak_mib` (and `memory/rss_mib` on CPU) every
+    `log_every_n_steps` steps (default: the trainer's), prints a table at the end of fit, with
+    `predicted` (bytes per part, e.g. from a memory planner) beside the measurement.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, predicted: dict[str, int] | None = None,
+                 print_table: bool = True) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.predicted = dict(predicted or {})
+        self.print_table = print_table
+        self.peak: dict[str, int] = {}  # the parts at the step of the highest peak
+        self.last: dict[str, int] = {}
+        self.kind: str | None = None  # "cuda" (max_memory_allocated) or "rss", once measured
+        self._window_peak = 0
+
+    def _cuda(self, pl_module: pl.LightningModule) -> bool:
+        return pl_module.device.type == "cuda"
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._cuda(pl_module):
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        cuda = self._cuda(pl_module)
+        self.kind = "cuda" if cuda else "rss"
+        peak = torch.cuda.max_memory_allocated(pl_module.device) if cuda else _peak_rss()
+        self._window_peak = max(self._window_peak, peak)  # over the micro-batches of one step
+        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return
+        rss = None if cuda else _current_rss()
+        self.last = measure(pl_module, trainer.optimizers, max(self._window_peak, rss or 0))
+        if rss is not None:
+            self.last["rss"] = rss
+        self._window_peak = 0
+        if self.last["peak"] >= self.peak.get("peak", -1):
+            self.peak = dict(self.last)
+        n = self.log_every_n_steps or trainer.log_every_n_steps
+        if n and trainer.global_step % n == 0 and trainer.loggers:
+            metrics = {f"memory/{k}_mib": v / _MIB for k, v in self.last.items()}
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def summary(self) -> dict[str, Any]:
+        """Bytes at the step of the highest peak: `peak` and each of `PARTS` (and `rss` on CPU)."""
+        return dict(self.peak)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_table and self.peak:
+            self._print()  # not pl_module.device: Lightning moved the module to the CPU at teardown
+
+    @rank_zero_only
+    def _print(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        title = "Peak GPU memory (max_memory_allocated)" if self.kind == "cuda" else "Peak process RSS (CPU)"
+        table = Table(title=title)
+        table.add_column("part")
+        table.add_column("measured", justify="right")
+        if self.predicted:
+            table.add_column("predicted", justify="right")
+        for part in ("peak", *PARTS, *(("rss",) if "rss" in self.peak else ())):
+            row = [part, _human(self.peak.get(part, 0))]
+            if self.predicted:
+                row.append(_human(self.predicted[part]) if part in self.predicted else "-")
+            table.add_row(*row)
+        Console().print(table)
+
+
+def measure(model: nn.Module, optimizers: list[Any], peak: int) -> dict[str, int]:
+    """The parts (bytes) of `peak`, see `MemoryMonitor`."""
+    seen: set[int] = set()
+    int8 = 0
+    quantized_buffers: set[int] = set()
+    for module in quantized_modules(model).values():
+        for b in module.buffers(recurse=False):
+            int8 += _storage_bytes(b, seen)
+            quantized_buffers.add(id(b))
+    params = sum(_storage_bytes(p, seen) for p in model.parameters())
+    buffers = sum(_storage_bytes(b, seen) for b in model.buffers() if id(b) not in quantized_buffers)
+    moments = projections = 0
+    for optimizer in optimizers:
+        if hasattr(optimizer, "state_nbytes"):
+            nbytes = optimizer.state_nbytes()
+            moments += nbytes["moments"]
+            projections += nbytes["projections"]
+        else:
+            moments += sum(_storage_bytes(v, seen) for state in optimizer.state.values()
+                           for v in state.values() if isinstance(v, Tensor))
+    parts = dict(int8_weights=int8, params=params, buffers=buffers, optimizer_moments=moments,
+                 projections=projections)
+    parts["activations_other"] = max(0, peak - sum(parts.values()))
+    return {"peak": int(peak), **parts}
+
+
+def _storage_bytes(t: Tensor, seen: set[int]) -> int:
+    # Count each storage once (tied weights, views); a stride-0 carrier has a one-element storage.
+    storage = t.untyped_storage()
+    key = storage.data_ptr()
+    if key in seen or storage.nbytes() == 0:
+        return 0
+    seen.add(key)
+    return int(storage.nbytes())
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no procfs (not Linux)
+        return _peak_rss()

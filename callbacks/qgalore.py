@@ -1,0 +1,274 @@
+"""QGaLoreCallback: Q-GaLore on any LightningModule.
+
+    trainer = L.Trainer(callbacks=[QGaLoreCallback(rank=256)])
+    trainer.fit(module)
+
+At `setup` the callback checks that the run can combine with Q-GaLore, quantizes the chosen
+`nn.Linear`s in place (`qgl.nn.quantize_model`, before Lightning restores a checkpoint, so INT8
+buffers load into the quantized structure) and wraps the module's `configure_optimizers`: the
+user's optimizer is built, its lr, betas, eps and weight decay are kept, and `QGaLoreAdamW` takes
+its place. The user's LR schedulers are kept as they are, bound to the user's optimizer; the
+callback copies that optimizer's lr into every QGaLoreAdamW group before each batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch import Callback
+from lightning.pytorch.core.optimizer import (
+    _configure_optimizers,
+    _configure_schedulers_automatic_opt,
+    _configure_schedulers_manual_opt,
+    _validate_optimizers_attached,
+    _validate_scheduler_api,
+)
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch.optim import Optimizer
+
+from qgl.optim import QGaLoreAdamW, make_param_groups
+
+# Settings that shape the model or the optimizer state: a checkpoint made with other values cannot resume.
+_STRUCTURAL = ("rank", "target_modules", "exclude", "quantize_weights", "group_size", "symmetric")
+_GALORE_OPTIONS = ("update_proj_gap", "scale", "proj_quant", "proj_group_size", "adaptive", "cos_threshold",
+                   "gamma_proj", "queue_size", "max_gap", "svd_method")
+
+
+class QGaLoreCallback(Callback):
+    """Train any LightningModule with Q-GaLore (INT8 weights, INT4 projections, 8-bit Adam).
+
+    Args:
+        rank: rank of the gradient projection of the targeted linear weights.
+        target_modules: module-name patterns (substrings, or "re:<regex>") of the linears to
+            quantize and project.
+        exclude: module-name patterns left alone (neither quantized nor projected).
+        quantize_weights: store the targeted weights in INT8 (`qgl.nn.QLinear`).
+        group_size: elements per INT8 quantization group. symmetric: symmetric INT8 groups.
+        update_proj_gap: steps between subspace refreshes (before adaptive lengthening).
+        scale: GaLore's alpha, the factor of the projected-back update.
+        proj_quant: store the projections in INT4. proj_group_size: their group size.
+        adaptive: lengthen a layer's gap while its subspace stays put (`cos_threshold`,
+            `gamma_proj`, `queue_size`, capped by `max_gap`; see `qgl.optim.refresh`).
+        svd_method: "full" or "randomized".
+        optim_bits: 8 or 32-bit Adam moments; tensors under `min_8bit_size` elements keep fp32.
+        layerwise: update each parameter in backward and free its gradient at once.
+        layerwise_clip_norm: per-parameter gradient clipping under `layerwise` (global clipping
+            needs every gradient at once; set `Trainer(gradient_clip_val=None)`).
+        seed: seed of the stochastic rounding of the INT8 weights.
+        subspace_monitor: add a `SubspaceMonitor` if the trainer has none.
+
+    From the module's optimizer the callback keeps lr, betas (when it has them), eps and
+    weight_decay; weight decay then applies to matrices only, not to biases and norms
+    (`qgl.optim.make_param_groups`). The optimizer must be one, with one param group, over every
+    trainable parameter. Its LR schedulers keep stepping it: it is never stepped itself, so its
+    state stays empty and its memory is its param-group dicts only; its lr is copied into
+    QGaLoreAdamW at every `on_train_batch_start`, i.e. the lr the next update uses.
+
+    Refused, with a ValueError saying what to change: more than one device or a strategy other
+    than single-device (not supported yet); with `layerwise`, `gradient_clip_val`, precision
+    "16-mixed" (GradScaler cannot unscale gradients the hooks consumed; use "bf16-mixed") and
+    manual optimization.
+    """
+
+    def __init__(self, rank: int = 256, target_modules: Sequence[str] = ("attn", "mlp"),
+                 exclude: Sequence[str] = ("lm_head",), quantize_weights: bool = True, group_size: int = 256,
+                 symmetric: bool = True, update_proj_gap: int = 200, scale: float = 0.25,
+                 proj_quant: bool = True, proj_group_size: int = 256, adaptive: bool = True,
+                 cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
+                 max_gap: int | None = None, svd_method: str = "full", optim_bits: int = 8,
+                 min_8bit_size: int = 4096, layerwise: bool = True, layerwise_clip_norm: float | None = None,
+                 seed: int = 0, subspace_monitor: bool = True) -> None:
+        self.config: dict[str, Any] = dict(
+            rank=rank, target_modules=tuple(target_modules), exclude=tuple(exclude),
+            quantize_weights=quantize_weights, group_size=group_size, symmetric=symmetric,
+            update_proj_gap=update_proj_gap, scale=scale, proj_quant=proj_quant,
+            proj_group_size=proj_group_size,
+            adaptive=adaptive, cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size,
+            max_gap=max_gap, svd_method=svd_method, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+            layerwise=layerwise, layerwise_clip_norm=layerwise_clip_norm, seed=seed,
+            subspace_monitor=subspace_monitor)
+        self.optimizer: QGaLoreAdamW | None = None
+        self.user_optimizer: Optimizer | None = None
+        self._scheduler_configs: list[LRSchedulerConfig] = []
+        self._loaded_user_optimizer: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
+        if stage == "fit":
+            self._check_combination(trainer, pl_module)
+            if self.config["subspace_monitor"]:
+                _add_subspace_monitor(trainer)
+        if self.config["quantize_weights"]:
+            self._quantize(pl_module)
+            if is_overridden("configure_model", pl_module):
+                # Layers built in configure_model (it runs after setup, before the restore) too.
+                def configure_model(user: Any) -> None:
+                    user()
+                    self._quantize(pl_module)
+
+                _wrap(pl_module, "configure_model", configure_model)
+        if stage == "fit":
+            _wrap(pl_module, "configure_optimizers",
+                  lambda user: self._configure_optimizers(pl_module, user()))
+
+    def _check_combination(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
+            raise ValueError(f"QGaLoreCallback runs on one device for now; strategy "
+                             f"{type(trainer.strategy).__name__} on {trainer.world_size} processes is not "
+                             "supported yet: use Trainer(devices=1) with the default strategy")
+        if not self.config["layerwise"]:
+            return
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"QGaLoreCallback(layerwise=True) cannot clip the global gradient norm "
+                f"(Trainer(gradient_clip_val={trainer.gradient_clip_val})): layer-wise updates free each "
+                "gradient in backward. Set gradient_clip_val=None, or layerwise=False, or use "
+                "QGaLoreCallback(layerwise_clip_norm=...) to clip each parameter's gradient")
+        if trainer.precision == "16-mixed":
+            raise ValueError(
+                "QGaLoreCallback(layerwise=True) cannot run with precision='16-mixed': GradScaler cannot "
+                "unscale gradients that the backward hooks already consumed. Use precision='bf16-mixed', "
+                "or layerwise=False")
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "QGaLoreCallback(layerwise=True) needs automatic optimization (it decides from Lightning's "
+                "accumulation schedule when the hooks step); set layerwise=False for manual optimization")
+
+    def _quantize(self, pl_module: pl.LightningModule) -> None:
+        from qgl.nn import quantize_model
+
+        c = self.config
+        quantize_model(pl_module, target_modules=c["target_modules"], exclude=c["exclude"],
+                       group_size=c["group_size"], symmetric=c["symmetric"])
+
+    # ------------------------------------------------------------------ the optimizer swap
+
+    def _configure_optimizers(self, pl_module: pl.LightningModule, user_conf: Any) -> dict[str, Any]:
+        """Build QGaLoreAdamW from the user's `configure_optimizers` output (see the class docstring)."""
+        optimizers, schedulers, monitor = _configure_optimizers(user_conf)
+        if len(optimizers) != 1:
+            raise ValueError(f"QGaLoreCallback replaces one optimizer; configure_optimizers returned "
+                             f"{len(optimizers)}. Return a single optimizer")
+        user = optimizers[0]
+        if len(user.param_groups) != 1:
+            raise ValueError(
+                f"QGaLoreCallback builds its own param groups (projected weights, decayed and non-decayed "
+                f"parameters); the optimizer has {len(user.param_groups)}. Return one with a single group, "
+                "e.g. torch.optim.AdamW(self.parameters(), lr=..., weight_decay=...)")
+        if pl_module.automatic_optimization:
+            configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+        else:
+            configs = _configure_schedulers_manual_opt(schedulers)
+        _validate_optimizers_attached([user], configs)
+        _validate_scheduler_api(configs, pl_module)
+        covered = {id(p) for p in user.param_groups[0]["params"]}
+        missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise ValueError(f"the optimizer leaves out {len(missing)} trainable parameters "
+                             f"({missing[:3]}...); QGaLoreCallback optimizes every trainable parameter: "
+                             "set requires_grad=False on the ones to freeze")
+        if self._loaded_user_optimizer is not None:  # resuming: the lr the schedulers had set
+            user.load_state_dict(self._loaded_user_optimizer)
+            self._loaded_user_optimizer = None
+        # Never stepped: tell torch's schedulers not to warn that they step before their optimizer.
+        user._opt_called = True  # type: ignore[attr-defined]
+
+        c, group = self.config, user.param_groups[0]
+        kept = dict(lr=float(group["lr"]), eps=group.get("eps", 1e-8),
+                    weight_decay=group.get("weight_decay", 0.0))
+        if "betas" in group:
+            kept["betas"] = tuple(float(b) for b in group["betas"])
+        else:
+            rank_zero_warn(f"QGaLoreCallback replaces {type(user).__name__} by AdamW; kept lr and "
+                           "weight_decay, betas take QGaLoreAdamW's defaults")
+        groups = make_param_groups(pl_module, c["rank"], c["target_modules"], c["exclude"],
+                                   weight_decay=kept["weight_decay"], **{k: c[k] for k in _GALORE_OPTIONS})
+        self.optimizer = QGaLoreAdamW(groups, **kept, optim_bits=c["optim_bits"],
+                                      min_8bit_size=c["min_8bit_size"], seed=c["seed"],
+                                      layerwise=c["layerwise"], layerwise_clip_norm=c["layerwise_clip_norm"])
+        self.user_optimizer, self._scheduler_configs = user, configs
+        # Lightning refuses schedulers bound to an optimizer it was not given: they join in on_fit_start.
+        return {"optimizer": self.optimizer}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning set up the optimizers, before it restores their (and the schedulers') state.
+        if trainer.optimizers[0] is not self.optimizer:
+            raise RuntimeError("QGaLoreCallback: the trainer's optimizer is not the QGaLoreAdamW it built; "
+                               "was configure_optimizers replaced after setup?")
+        trainer.strategy.lr_scheduler_configs.extend(self._scheduler_configs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        lr = float(self.user_optimizer.param_groups[0]["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.optimizer.layerwise is not None:
+            # Micro-batches inside an accumulation window sum into .grad; the last one's hooks step.
+            self.optimizer.layerwise.defer = trainer.fit_loop._should_accumulate()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name in ("configure_optimizers", "configure_model"):
+            if getattr(pl_module.__dict__.get(name), "_qgl_user", None) is not None:
+                del pl_module.__dict__[name]
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        # A later fit builds a new optimizer; this one's backward hooks must not step the weights too.
+        if self.optimizer is not None and self.optimizer.layerwise is not None:
+            self.optimizer.layerwise.remove()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        user = None if self.user_optimizer is None else self.user_optimizer.state_dict()
+        return {"config": dict(self.config), "user_optimizer": user}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["config"]
+        norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+        changed = {k: (saved[k], v) for k, v in self.config.items()
+                   if k in saved and norm(saved[k]) != norm(v)}
+        structural = {k: v for k, v in changed.items() if k in _STRUCTURAL}
+        if structural:
+            raise ValueError("the checkpoint was made with other QGaLoreCallback settings "
+                             f"(checkpoint, now): {structural}; resume with the checkpoint's values")
+        if changed:
+            rank_zero_warn(f"resuming with other QGaLoreCallback settings (checkpoint, now): {changed}; "
+                           "the projected groups keep the checkpoint's GaLore options (saved in the "
+                           "optimizer state)")
+        self._loaded_user_optimizer = state_dict.get("user_optimizer")
+
+
+def _wrap(pl_module: pl.LightningModule, name: str, body: Callable[[Callable[[], Any]], Any]) -> None:
+    """Replace the instance's method `name` by `lambda: body(user_method)`, once (teardown removes it)."""
+    current = getattr(pl_module, name)
+    user = getattr(current, "_qgl_user", current)
+
+    def wrapper() -> Any:
+        return body(user)
+
+    wrapper._qgl_user = user  # type: ignore[attr-defined]
+    object.__setattr__(pl_module, name, wrapper)
+
+
+def _add_subspace_monitor(trainer: pl.Trainer) -> None:
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from qgl.callbacks.subspace import SubspaceMonitor
+
+    if any(isinstance(cb, SubspaceMonitor) for cb in trainer.callbacks):
+        return
+    # Before the checkpoint callbacks, so that a checkpoint holds the history of its own step.
+    checkpoints = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)]
+    at = checkpoints[0] if checkpoints else len(trainer.callbacks)
+    trainer.callbacks.insert(at, SubspaceMonitor())
