@@ -1,0 +1,169 @@
+"""`qgl` command line: `qgl train [RECIPE] [key=value ...]`, `qgl recipes`.
+
+The command only parses, resolves and prints the recipe; training lives in `qgl.lightning.run`
+(imported lazily, so `qgl --help` and recipe errors answer without loading torch/Lightning).
+A bad recipe or override prints one line to stderr and exits with code 2 before anything is
+created on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from qgl.config import (
+    DEFAULT_RECIPE,
+    RECIPES_DIR,
+    RecipeConfig,
+    RecipeError,
+    bundled_recipes,
+    load_recipe,
+    resolve_recipe,
+    to_yaml,
+    type_name,
+)
+
+EXIT_RECIPE_ERROR = 2
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option (not after the positional list), and epilogs printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if action.option_strings else action.help
+
+
+def _fmt_default(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def recipe_keys() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every recipe key, in schema order, from the dataclasses."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, type_name(tp), default, f.metadata.get("help", "")))
+
+    walk(RecipeConfig, "")
+    return rows
+
+
+def _keys_epilog() -> str:
+    rows = recipe_keys()
+    width = max(len(f"{k}={_fmt_default(d)}") for k, _, d, _ in rows) + 2
+    lines = ["recipe keys (override any with key=value; shown with their schema defaults):"]
+    section = None
+    for key, tp, default, help_ in rows:
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"  [{head or 'top level'}]")
+        lines.append(f"    {f'{key}={_fmt_default(default)}':<{width}}{tp}. {help_}")
+    lines.append("")
+    lines.append(f"RECIPE: a YAML path, or a bundled recipe name (`qgl recipes`); default {DEFAULT_RECIPE}.")
+    lines += ["examples:", "  qgl train", "  qgl train trainer.max_steps=50 logger.wandb=false",
+              "  qgl train pretrain/llama_60m data.source=/data/c4_txt trainer.max_steps=1000",
+              "  qgl train my_recipe.yaml optim.betas=[0.9,0.99] ckpt_path=last"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `qgl` argument parser (sub-commands `train` and `recipes`)."""
+    parser = argparse.ArgumentParser(
+        prog="qgl", formatter_class=_Formatter,
+        description="Q-GaLore for PyTorch Lightning: train LLMs with INT8 weights, INT4 projections and "
+                    "8-bit low-rank Adam from OmegaConf recipes.",
+        epilog="Run `qgl train --help` for every recipe key and its default.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    train = sub.add_parser(
+        "train", formatter_class=_Formatter, epilog=_keys_epilog(),
+        help="train from a recipe (default: tiny.yaml, a quick CPU run on the embedded corpus)",
+        description="Resolve RECIPE with the key=value overrides, print it as YAML, and train.")
+    train.add_argument("args", nargs="*", metavar="RECIPE|key=value",
+                       help="an optional recipe (path or bundled name) first, then key=value overrides")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved recipe and exit without training")
+    sub.add_parser("recipes", formatter_class=_Formatter, help="list the bundled recipes",
+                   description=f"List the recipes bundled in {RECIPES_DIR}.")
+    return parser
+
+
+def _split(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(recipe, overrides): the first argument is the recipe unless it looks like key=value."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _describe(name: str) -> str:
+    """First comment line of a bundled recipe, as its one-line description."""
+    for line in (RECIPES_DIR / name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def cmd_recipes() -> int:
+    """Print the bundled recipes, one per line with their description."""
+    names = bundled_recipes()
+    width = max((len(n) for n in names), default=0) + 2
+    print(f"bundled recipes ({RECIPES_DIR}):")
+    for name in names:
+        print(f"  {name.removesuffix('.yaml'):<{width}}{_describe(name)}")
+    return 0
+
+
+def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
+    """Resolve the recipe (exit 2 on a RecipeError, having created nothing), print it, run it."""
+    recipe, overrides = _split(args)
+    try:
+        cfg = load_recipe(recipe, overrides)
+        path = resolve_recipe(recipe)
+    except RecipeError as e:
+        print(f"qgl: error: {e}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
+    print(to_yaml(cfg), end="", flush=True)
+    if dry_run:
+        return 0
+    from qgl.lightning.run import run
+
+    run(cfg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `qgl` console script and `python -m qgl`; returns the exit code."""
+    parser = build_parser()
+    try:
+        # Known-args parsing lets options and overrides mix: `qgl train tiny --dry-run seed=1`.
+        ns, extra = parser.parse_known_args(argv)
+        if extra and (ns.command != "train" or any(a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, or an argparse usage error (code 2)
+        return int(e.code or 0)
+    if ns.command == "recipes":
+        return cmd_recipes()
+    return cmd_train([*ns.args, *extra], dry_run=ns.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

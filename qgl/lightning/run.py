@@ -1,0 +1,264 @@
+"""`run(cfg)`: one training run from a resolved recipe (what `qgl train` calls).
+
+It wires the parts together and holds no training logic: `TextDataModule`, `CausalLMModule`,
+`QGaLoreCallback` (method "qgalore", which adds its `SubspaceMonitor`), `MemoryMonitor`, a rich
+progress bar, `AtomicModelCheckpoint`, the W&B (offline unless a key is configured) or CSV logger,
+and a `Trainer` from `cfg.trainer`; then it fits and prints a summary, which it also returns.
+"""
+
+from __future__ import annotations
+
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from qgl.config import RecipeConfig
+from qgl.lightning.checkpoint import AtomicModelCheckpoint
+
+_MIB = 2**20
+
+
+class RunStats(Callback):
+    """Training loss of each optimizer step (mean over its micro-batches), training time without
+    validation (for tokens/s) and the last validated step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self._window: list[float] = []
+        self._step = -1
+        self.train_seconds = 0.0
+        self.tokens = 0
+        self.last_val_step: int | None = None
+        self._t0 = self._val_t0 = 0.0
+        self._tokens0 = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._tokens0 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        # Lightning hands callbacks the loss divided by the accumulation factor.
+        self._window.append(float(loss) * trainer.accumulate_grad_batches)
+        if trainer.global_step != self._step:  # an optimizer step completed on this micro-batch
+            self._step = trainer.global_step
+            self.losses.append(sum(self._window) / len(self._window))
+            self._window = []
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._t0 += time.perf_counter() - self._val_t0  # validation time is not training time
+        if not trainer.sanity_checking:
+            self.last_val_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_seconds = time.perf_counter() - self._t0
+        self.tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._tokens0
+
+
+# ---------------------------------------------------------------- logger
+def wandb_key_configured() -> bool:
+    """True if W&B could log in: WANDB_API_KEY, or a ~/.netrc ($NETRC) entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host or "api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def wandb_mode(configured: str | None) -> str:
+    """`logger.mode` if set, else $WANDB_MODE if set, else online with a key and offline without."""
+    return configured or os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
+
+
+def build_logger(cfg: RecipeConfig) -> tuple[Logger, str]:
+    """The run's logger and its directory (a W&B run dir, or the CSV version dir)."""
+    lc = cfg.logger
+    Path(lc.save_dir).mkdir(parents=True, exist_ok=True)
+    if not lc.wandb:
+        logger: Logger = CSVLogger(lc.save_dir, name=lc.project, version=lc.name)
+        return logger, str(Path(logger.log_dir).resolve())
+    mode = wandb_mode(lc.mode)
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project=lc.project, name=lc.name, save_dir=lc.save_dir, mode=mode)
+    # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
+    if logger._wandb_init.get("anonymous", "") is None:
+        del logger._wandb_init["anonymous"]
+    run = logger.experiment  # starts the run now, so that its directory can be printed
+    if mode == "disabled" or not getattr(run, "dir", None):
+        return logger, str(Path(lc.save_dir).resolve())
+    return logger, str(Path(run.dir).parent.resolve())  # run.dir is <save_dir>/wandb/<run>/files
+
+
+def _finish(logger: Logger, failed: bool) -> None:
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        logger.experiment.finish(exit_code=1 if failed else 0)
+
+
+# ---------------------------------------------------------------- parts
+def _data_module(cfg: RecipeConfig) -> Any:
+    from qgl.data import TextDataModule
+
+    d = cfg.data
+    source = "corpus" if d.source in ("embedded", "corpus") else d.source
+    tokenizer = d.tokenizer or cfg.model.hf_path or "byte"
+    return TextDataModule(source=source, block_size=d.block_size, batch_size=d.batch_size,
+                          num_workers=d.num_workers, val_fraction=d.val_fraction, seed=cfg.seed,
+                          tokenizer=tokenizer, text_field=d.text_field)
+
+
+def _vocab_size(cfg: RecipeConfig, tokenizer_vocab: int) -> int | None:
+    """None (the config's vocabulary) unless the tokenizer's is larger: then it, rounded up to 64."""
+    from qgl.models.llama import LLAMA_CONFIGS
+
+    if cfg.model.hf_path is not None or tokenizer_vocab <= LLAMA_CONFIGS[cfg.model.name].vocab_size:
+        return None
+    return -(-tokenizer_vocab // 64) * 64
+
+
+def _module(cfg: RecipeConfig, tokenizer_vocab: int) -> L.LightningModule:
+    from qgl.lightning.module import CausalLMModule
+
+    o = cfg.optim
+    return CausalLMModule(model=cfg.model.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                          warmup_steps=o.warmup_steps, max_steps=cfg.trainer.max_steps,
+                          min_lr_ratio=o.min_lr_ratio, hf_path=cfg.model.hf_path,
+                          activation_checkpointing=cfg.model.activation_checkpointing,
+                          vocab_size=_vocab_size(cfg, tokenizer_vocab))
+
+
+def _callbacks(cfg: RecipeConfig) -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
+    from qgl.callbacks import MemoryMonitor, QGaLoreCallback
+
+    callbacks: list[Callback] = []
+    if cfg.method == "qgalore":
+        q = OmegaConf.to_container(OmegaConf.structured(cfg.qgalore))
+        callbacks.append(QGaLoreCallback(**q, seed=cfg.seed, subspace_monitor=True))
+    memory, stats = MemoryMonitor(print_table=False), RunStats()
+    c = cfg.checkpoint
+    ckpt = AtomicModelCheckpoint(dirpath=c.dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=c.every_n_steps or None, save_last=c.save_last,
+                                 save_top_k=1 if c.every_n_steps else 0)
+    callbacks += [memory, stats, RichProgressBar(), ckpt]
+    return callbacks, ckpt, stats, memory
+
+
+def _trainer(cfg: RecipeConfig, callbacks: list[Callback], logger: Logger) -> L.Trainer:
+    t = cfg.trainer
+    every = (t.val_check_interval or t.max_steps) * t.accumulate_grad_batches  # Lightning counts batches
+    return L.Trainer(max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator,
+                     devices=t.devices, log_every_n_steps=t.log_every_n_steps, val_check_interval=every,
+                     check_val_every_n_epoch=None,
+                     limit_val_batches=1.0 if t.limit_val_batches is None else t.limit_val_batches,
+                     gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+                     callbacks=callbacks, logger=logger, default_root_dir=cfg.logger.save_dir)
+
+
+# ---------------------------------------------------------------- run
+def run(cfg: RecipeConfig) -> dict[str, Any]:
+    """Train `cfg` and return the summary numbers (also printed as a table)."""
+    console = Console()
+    L.seed_everything(cfg.seed, workers=True)
+    dm = _data_module(cfg)
+    module = _module(cfg, dm.vocab_size)
+    callbacks, ckpt, stats, memory = _callbacks(cfg)
+    logger, run_dir = build_logger(cfg)
+    console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
+    if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
+        console.print(f"W&B runs offline: upload later with `wandb sync {run_dir}`", soft_wrap=True)
+    failed = True
+    try:
+        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        trainer = _trainer(cfg, callbacks, logger)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        if cfg.trainer.limit_val_batches != 0 and stats.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)  # the summary reports the final model
+        summary = _summary(cfg, trainer, stats, memory, ckpt, run_dir, time.perf_counter() - start)
+        failed = False
+    finally:
+        _finish(logger, failed)
+    _print_summary(console, summary)
+    return summary
+
+
+def _float(metrics: dict[str, Any], key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None
+
+
+def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any,
+             ckpt: AtomicModelCheckpoint, run_dir: str, seconds: float) -> dict[str, Any]:
+    metrics = trainer.callback_metrics
+    tail = stats.losses[-10:]  # the mean of the last steps: one step's loss is noisy
+    val_loss = _float(metrics, "val/loss")
+    val_ppl = _float(metrics, "val/ppl") or (math.exp(val_loss) if val_loss is not None else None)
+    mem = memory.summary()
+    subspace = next((cb.summary() for cb in trainer.callbacks if type(cb).__name__ == "SubspaceMonitor"), {})
+    last = ckpt.last_model_path if ckpt.last_model_path and os.path.exists(ckpt.last_model_path) else None
+    return {
+        "method": cfg.method, "steps": trainer.global_step,
+        "train_loss_first": stats.losses[0] if stats.losses else None,
+        "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_steps": len(tail),
+        "val_loss": val_loss, "val_ppl": val_ppl,
+        "tokens_per_sec": stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
+        "peak_memory_bytes": mem.get("peak"),
+        "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
+        "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
+        "svd_total": subspace.get("svd_total"), "galore_svds": subspace.get("galore_svds"),
+        "svd_saved_frac": subspace.get("svd_saved_frac"),
+        "subspace_heatmap": subspace.get("heatmap") and os.path.abspath(subspace["heatmap"]),
+        "run_dir": run_dir, "checkpoint_dir": str(Path(cfg.checkpoint.dir).resolve()),
+        "last_checkpoint": last, "periodic_checkpoint": ckpt.best_model_path or None,
+        "wall_seconds": seconds,
+    }
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_summary(console: Console, s: dict[str, Any]) -> None:
+    table = Table(title=f"qgl run summary ({s['method']}, {s['steps']} steps, {s['wall_seconds']:.1f} s)",
+                  show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("train loss", f"{_fmt(s['train_loss_first'])} (first step) -> {_fmt(s['train_loss'])} "
+                  f"(mean of the last {s['train_loss_steps']})")
+    table.add_row("val loss / perplexity", f"{_fmt(s['val_loss'])} / {_fmt(s['val_ppl'], '.2f')}")
+    table.add_row("tokens/s (training)", _fmt(s["tokens_per_sec"], ",.0f"))
+    kind = "GPU max allocated" if s["memory_kind"] == "cuda" else "process RSS"
+    parts = ", ".join(f"{k} {v / _MIB:,.1f}" for k, v in s["memory_parts"].items() if v)
+    peak = s["peak_memory_bytes"]
+    table.add_row(f"peak memory ({kind})",
+                  f"{_fmt(peak and peak / _MIB, ',.1f')} MiB" + (f" ({parts})" if parts else ""))
+    if s["svd_total"] is not None:
+        saved = 100 * (s["svd_saved_frac"] or 0)
+        table.add_row("SVDs run / GaLore schedule",
+                      f"{s['svd_total']} / {s['galore_svds']} ({saved:.0f}% saved)")
+    if s["subspace_heatmap"]:
+        table.add_row("subspace heatmap", s["subspace_heatmap"])
+    table.add_row("run dir", s["run_dir"])
+    table.add_row("checkpoints", "\n".join(p for p in (s["last_checkpoint"], s["periodic_checkpoint"]) if p)
+                  or s["checkpoint_dir"])
+    console.print(table)
