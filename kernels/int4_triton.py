@@ -1,0 +1,459 @@
+"""Triton kernels of the packed INT4 projection format (docs/internals.md, "INT4 projection").
+
+Same signatures and math as ``int4_ref.py``: ``packed: uint8 [ceil(numel / 2)]`` (byte k = element
+2k in the low nibble, 2k + 1 in the high nibble), fp32 ``scale``/``zero`` per group of
+``group_size`` row-major elements, ``p ~= (q - zero) * scale``, q in 0..15.
+
+The projections are one matmul kernel, ``C = A @ B`` (fp32 C), where one operand is the packed P
+read directly (half a byte an element) and dequantized in registers, the other a dense gradient
+(fp32/bf16/fp16, any strides). P is an ``(R, C)`` row-major matrix, used as:
+
+==================  ======================  =========  ===========
+op                  C                       P is       P's columns
+==================  ======================  =========  ===========
+project, right      g (m, n) @ P^T          B (N x K)  K
+project, left       P^T @ g (m, n)          A (K x M)  M
+project_back right  low (m, r) @ P          B (K x N)  N
+project_back left   P @ low (r, n)          A (M x K)  K
+==================  ======================  =========  ===========
+
+A P tile is loaded as ``[rows, cols]`` along P's own layout (contiguous columns: byte loads of
+half the tile, split into nibbles and interleaved back when P's row length is even), then
+transposed as the matmul needs. Fast path: P's row length divisible by the group and the tile's
+column extent dividing the group -> one (scale, zero) per tile row. Else a few group vectors per
+row are selected per element (see ``w8a16_triton._group_scales``; groups < 32 elements: dequantize
+P, then torch's matmul). The dot runs on bf16 (or fp16) tensor cores with fp32 accumulation: fp32
+dense operands are rounded to bf16 in registers (2**-9 relative, far below the INT4 step of P).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._groups import check_dtype, check_float_dtype, check_floating, check_group_size, check_stats, n_groups
+from .int4_ref import quantize_int4_ref
+from .int8_triton import MAX_TILE_GROUP, _rint, check_device, check_numel, group_tiling, interpreting
+from .w8a16_triton import MIN_KERNEL_GROUP, _group_scales, _swizzle
+
+__all__ = [
+    "quantize_int4_triton",
+    "dequantize_int4_triton",
+    "pack_int4_triton",
+    "unpack_int4_triton",
+    "int4_project_triton",
+    "int4_project_back_triton",
+]
+
+_BYTES_PER_PROGRAM = 2048  # element-wise kernels: bytes of packed codes per program
+_DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_empty = torch.empty  # every output allocation goes through here (tests poison it)
+# Used under TRITON_INTERPRET=1 (the autotuner needs a GPU); tests may change it.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+# --- element-wise kernels ----------------------------------------------------------------------
+
+
+@triton.jit
+def _int4_stats_kernel(p_ptr, scale_ptr, zero_ptr, numel, n_grp,
+                       GS: tl.constexpr, GPB: tl.constexpr, BLOCK_GS: tl.constexpr):  # fmt: skip
+    """Per group: ``scale = (max - min) / 15`` (1 if constant), ``zero = -min / scale``."""
+    groups = tl.program_id(0) * GPB + tl.arange(0, GPB)
+    cols = tl.arange(0, BLOCK_GS)
+    offs = groups[:, None] * GS + cols[None, :]
+    mask = (cols[None, :] < GS) & (offs < numel)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mx = tl.max(tl.where(mask, p, -float("inf")), axis=1)
+    mn = tl.min(tl.where(mask, p, float("inf")), axis=1)
+    none = mn > mx  # rows past the last group: finite values, never stored
+    mx = tl.where(none, 0.0, mx)
+    mn = tl.where(none, 0.0, mn)
+    scale = tl.where(mx == mn, 1.0, tl.math.div_rn(mx - mn, 15.0))
+    gmask = groups < n_grp
+    tl.store(scale_ptr + groups, scale, mask=gmask)
+    tl.store(zero_ptr + groups, -tl.math.div_rn(mn, scale), mask=gmask)
+
+
+@triton.jit
+def _int4_code(p_ptr, s_ptr, z_ptr, idx, mask, GS: tl.constexpr):
+    """Round-to-nearest code (int32 0..15) of elements ``idx``; 0 where masked."""
+    p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = idx // GS
+    s = tl.load(s_ptr + g, mask=mask, other=1.0)
+    z = tl.load(z_ptr + g, mask=mask, other=0.0)
+    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(p, s) + z), 0.0), 15.0)
+    return tl.where(mask, q, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _int4_quant_pack_kernel(p_ptr, s_ptr, z_ptr, out_ptr, numel, n_bytes,
+                            GS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Byte k = code(2k) | code(2k + 1) << 4 (the group stats are already written)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = _int4_code(p_ptr, s_ptr, z_ptr, 2 * k, 2 * k < numel, GS)
+    hi = _int4_code(p_ptr, s_ptr, z_ptr, 2 * k + 1, 2 * k + 1 < numel, GS)
+    tl.store(out_ptr + k, (lo | (hi << 4)).to(tl.uint8), mask=k < n_bytes)
+
+
+@triton.jit
+def _int4_dequant_kernel(b_ptr, s_ptr, z_ptr, out_ptr, numel, n_bytes,
+                         GS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``out[2k + h] = (nibble h of byte k - zero) * scale`` in fp32, stored in out's dtype."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.load(b_ptr + k, mask=k < n_bytes, other=0).to(tl.int32)
+    idx = 2 * tl.program_id(0) * BLOCK + tl.arange(0, 2 * BLOCK)
+    q = tl.interleave(b & 15, b >> 4).to(tl.float32)  # element order: lo, hi, lo, hi, ...
+    mask = idx < numel
+    g = idx // GS
+    w = (q - tl.load(z_ptr + g, mask=mask, other=0.0)) * tl.load(s_ptr + g, mask=mask, other=1.0)
+    tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pack_kernel(q_ptr, out_ptr, numel, n_bytes, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.load(q_ptr + 2 * k, mask=2 * k < numel, other=0)
+    hi = tl.load(q_ptr + 2 * k + 1, mask=2 * k + 1 < numel, other=0)
+    tl.store(out_ptr + k, lo | (hi << 4), mask=k < n_bytes)
+
+
+@triton.jit
+def _unpack_kernel(b_ptr, out_ptr, numel, n_bytes, BLOCK: tl.constexpr):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.load(b_ptr + k, mask=k < n_bytes, other=0)
+    idx = 2 * tl.program_id(0) * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + idx, tl.interleave(b & 15, b >> 4), mask=idx < numel)
+
+
+# --- the projection matmul ------------------------------------------------------------------------
+
+
+@triton.jit
+def _p_tile(p_ptr, s_ptr, z_ptr, rows, col0, PR, PC, CT: tl.constexpr, GS: tl.constexpr,
+            PC_DIV_GS: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """fp32 dequantized tile ``[len(rows), CT]`` of P ``(PR, PC)`` at rows x ``col0 + arange(CT)``.
+
+    Out-of-range entries are 0 (they meet zero-padded dense entries, and ``(0 - zero) * scale``
+    would not be 0). EVEN (PC even, col0 even): pairs of columns share a byte.
+    """
+    cols = col0 + tl.arange(0, CT)
+    rmask = rows < PR
+    mask = rmask[:, None] & (cols < PC)[None, :]
+    if EVEN:
+        bcols = col0 // 2 + tl.arange(0, CT // 2)
+        bmask = rmask[:, None] & (bcols < PC // 2)[None, :]
+        b = tl.load(p_ptr + rows[:, None] * (PC // 2) + bcols[None, :], mask=bmask, other=0).to(tl.int32)
+        q = tl.interleave(b & 15, b >> 4)
+    else:
+        idx = rows[:, None] * PC + cols[None, :]
+        b = tl.load(p_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        q = (b >> ((idx & 1) * 4)) & 15
+    rows_c = tl.minimum(rows, PR - 1)  # clamped: finite scales for rows past the end
+    if PC_DIV_GS and (GS % CT == 0):
+        g = (rows_c * PC + col0) // GS
+        w = (q.to(tl.float32) - tl.load(z_ptr + g)[:, None]) * tl.load(s_ptr + g)[:, None]
+    else:
+        s, z = _group_scales(s_ptr, z_ptr, rows_c, cols, col0, PC, PR * PC, CT, GS, False)
+        w = (q.to(tl.float32) - z) * s
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _int4_mm_kernel(
+    d_ptr, p_ptr, s_ptr, z_ptr, c_ptr, M, N, K, stride_d0, stride_d1, PR, PC,
+    GS: tl.constexpr, P_IS_A: tl.constexpr, P_K_CONTIG: tl.constexpr, PC_DIV_GS: tl.constexpr,
+    EVEN: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``C [M, N] = A @ B`` with P (packed INT4, ``(PR, PC)``) as A or B, the dense D the other.
+
+    P_IS_A: A = P (``P[i, k]`` if P_K_CONTIG else ``P[k, i]``), D = B ``[K, N]`` with strides
+    ``(stride_d0, stride_d1)``. Else B = P (``P[j, k]`` if P_K_CONTIG else ``P[k, j]``), D = A
+    ``[M, K]``. C is contiguous. DOT_BF16: both operands are rounded to bf16 for the tensor cores
+    (fp32 dense operands; see ``_matmul``), else P takes the dense operand's dtype.
+    """
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + rk
+        if P_IS_A:
+            d_ptrs = d_ptr + offs_k[:, None] * stride_d0 + offs_n[None, :] * stride_d1
+            d = tl.load(d_ptrs, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+            if DOT_BF16:
+                d = d.to(tl.bfloat16)
+            if P_K_CONTIG:
+                a = _p_tile(p_ptr, s_ptr, z_ptr, offs_m, k0, PR, PC, BLOCK_K, GS, PC_DIV_GS, EVEN)
+            else:
+                a = tl.trans(_p_tile(p_ptr, s_ptr, z_ptr, offs_k, pid_m * BLOCK_M, PR, PC, BLOCK_M, GS,
+                                     PC_DIV_GS, EVEN))  # fmt: skip
+            acc = tl.dot(a.to(d.dtype), d, acc)
+        else:
+            d_ptrs = d_ptr + offs_m[:, None] * stride_d0 + offs_k[None, :] * stride_d1
+            d = tl.load(d_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            if DOT_BF16:
+                d = d.to(tl.bfloat16)
+            if P_K_CONTIG:
+                b = tl.trans(_p_tile(p_ptr, s_ptr, z_ptr, offs_n, k0, PR, PC, BLOCK_K, GS, PC_DIV_GS, EVEN))
+            else:
+                b = _p_tile(p_ptr, s_ptr, z_ptr, offs_k, pid_n * BLOCK_N, PR, PC, BLOCK_N, GS, PC_DIV_GS,
+                            EVEN)  # fmt: skip
+            acc = tl.dot(d, b.to(d.dtype), acc)
+    c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)  # fmt: skip
+
+
+# Low-rank sides are 128..1024 wide and the full sides thousands: mid-size tiles keep >= 1 wave
+# of programs on 132 SMs without split-K (e.g. 4096 x 256 output -> 64 x 128 tiles = 128 programs).
+_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 128, 128, 4, 3),
+    _cfg(64, 256, 64, 4, 3),
+    _cfg(256, 64, 64, 8, 3),
+    _cfg(128, 128, 128, 8, 3),
+]
+_KEY = ["M", "N", "K", "GS", "P_IS_A", "P_K_CONTIG", "PC_DIV_GS", "EVEN", "DOT_BF16"]
+_mm_tuned = triton.autotune(_CONFIGS, key=_KEY)(_int4_mm_kernel)
+
+
+def _p_dims(p_shape: Sequence[int], packed: Tensor, scale: Tensor, zero: Tensor, group_size: int):
+    try:
+        dims = tuple(p_shape)
+    except TypeError:
+        raise TypeError(f"p_shape must be a sequence of ints, got {p_shape!r}") from None
+    if len(dims) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"p_shape must be 2 non-negative ints, got {p_shape!r}")
+    check_dtype("packed", packed, torch.uint8)
+    if packed.dim() != 1 or packed.numel() != (dims[0] * dims[1] + 1) // 2:
+        raise ValueError(
+            f"packed must be 1-D with ceil(numel / 2) bytes for P {dims}, got {tuple(packed.shape)}"
+        )
+    if zero is None:
+        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
+    check_stats(dims[0] * dims[1], group_size, scale, zero)
+    return dims
+
+
+def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: int, n: int, k: int,
+            p_is_a: bool, p_k_contig: bool) -> Tensor:  # fmt: skip
+    """``dense`` is A ``[m, k]`` (P is B) or B ``[k, n]`` (P is A); returns fp32 ``[m, n]``.
+
+    fp32 dense operands are rounded to bf16 in registers for the dot (bf16 tensor cores; tf32
+    would need K-major fp32 tiles in shared memory, which Triton cannot always arrange and then
+    falls to a much slower path): a 2**-9 relative rounding, far below P's INT4 step. The
+    interpreter keeps fp32 (it has no bf16 dot).
+    """
+    if dense.dtype not in _DENSE_DTYPES:
+        dense = dense.to(torch.float32)
+    out = _empty((m, n), dtype=torch.float32, device=dense.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    if gs < MIN_KERNEL_GROUP:  # tiny groups: dequantize P (small), then torch's fp32 matmul
+        p = dequantize_int4_triton(packed, scale, zero, (pr, pc), gs, torch.float32)
+        d32 = dense.to(torch.float32)
+        if p_is_a:
+            return out.copy_((p if p_k_contig else p.T) @ d32)
+        return out.copy_(d32 @ (p.T if p_k_contig else p))
+    args = (dense, packed, scale, zero, out, m, n, k, dense.stride(0), dense.stride(1), pr, pc)
+    meta = dict(GS=gs, P_IS_A=p_is_a, P_K_CONTIG=p_k_contig, PC_DIV_GS=pc % gs == 0, EVEN=pc % 2 == 0,
+                DOT_BF16=dense.dtype == torch.float32 and not interpreting())  # fmt: skip
+    if interpreting() or os.environ.get("QGL_TRITON_AUTOTUNE") == "0":
+        c = _CONFIGS[0]
+        cfg, opts = (dict(INTERPRET_CONFIG), {}) if interpreting() else (dict(c.kwargs), c.all_kwargs())
+        opts = {k: v for k, v in opts.items() if k in ("num_warps", "num_stages")}
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _int4_mm_kernel[grid](*args, **meta, **cfg, **opts)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+        _mm_tuned[grid](*args, **meta)
+    return out
+
+
+def _check_side(side: str) -> None:
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+
+
+def _check_2d(name: str, t: Tensor) -> None:
+    check_floating(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def int4_project_triton(
+    g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
+) -> Tensor:
+    """Project ``g [m, n]`` (fp32/bf16/fp16, any strides) by the packed P; fp32 result.
+
+    ``side="right"``: P ``(r, n)``, returns ``g @ P^T`` ``(m, r)``. ``side="left"``: P ``(m, r)``,
+    returns ``P^T @ g`` ``(r, n)``.
+    """
+    check_group_size(group_size)
+    _check_side(side)
+    _check_2d("g", g)
+    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    check_device(g, packed, scale, zero)
+    check_numel(g.numel())
+    check_numel(pr * pc)
+    m, n = g.shape
+    if side == "right":
+        if n != pc:
+            raise ValueError(f"side='right' needs g (m, n) and P (r, n), got {tuple(g.shape)}, {(pr, pc)}")
+        return _matmul(g, packed, scale, zero, pr, pc, group_size, m, pr, n, p_is_a=False, p_k_contig=True)
+    if m != pr:
+        raise ValueError(f"side='left' needs g (m, n) and P (m, r), got {tuple(g.shape)}, {(pr, pc)}")
+    return _matmul(g, packed, scale, zero, pr, pc, group_size, pc, n, m, p_is_a=True, p_k_contig=False)
+
+
+def int4_project_back_triton(
+    low: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    p_shape: Sequence[int],
+    group_size: int,
+    side: str,
+) -> Tensor:
+    """Map ``low`` back through the packed P; fp32 ``(m, n)`` result.
+
+    ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
+    """
+    check_group_size(group_size)
+    _check_side(side)
+    _check_2d("low", low)
+    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    check_device(low, packed, scale, zero)
+    check_numel(low.numel())
+    check_numel(pr * pc)
+    if side == "right":
+        if low.shape[1] != pr:
+            raise ValueError(
+                f"side='right' needs low (m, r) and P (r, n), got {tuple(low.shape)}, {(pr, pc)}"
+            )
+        m = low.shape[0]
+        return _matmul(low, packed, scale, zero, pr, pc, group_size, m, pc, pr, p_is_a=False,
+                       p_k_contig=False)  # fmt: skip
+    if low.shape[0] != pc:
+        raise ValueError(f"side='left' needs low (r, n) and P (m, r), got {tuple(low.shape)}, {(pr, pc)}")
+    n = low.shape[1]
+    return _matmul(low, packed, scale, zero, pr, pc, group_size, pr, n, pc, p_is_a=True, p_k_contig=True)
+
+
+# --- format conversions -----------------------------------------------------------------------------
+
+
+def _launch_bytes(kernel, n_bytes: int, *args) -> None:
+    kernel[(triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)](*args, BLOCK=_BYTES_PER_PROGRAM, num_warps=8)
+
+
+def quantize_int4_triton(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest INT4 of ``p`` (any floating dtype and shape), computed in fp32.
+
+    Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])``.
+    Two launches (group statistics, then codes and packing): P is small and stays in L2.
+    """
+    check_group_size(group_size)
+    check_floating("p", p)
+    check_device(p)
+    check_numel(p.numel())
+    if group_size > MAX_TILE_GROUP:
+        return quantize_int4_ref(p, group_size)
+    numel, g = p.numel(), n_groups(p.numel(), group_size)
+    n_bytes = (numel + 1) // 2
+    packed = _empty(n_bytes, dtype=torch.uint8, device=p.device)
+    scale = _empty(g, dtype=torch.float32, device=p.device)
+    zero = _empty(g, dtype=torch.float32, device=p.device)
+    if numel == 0:
+        return packed, scale, zero
+    pc = p.contiguous()
+    block_gs, gpb, warps = group_tiling(group_size)
+    _int4_stats_kernel[(triton.cdiv(g, gpb),)](
+        pc, scale, zero, numel, g, GS=group_size, GPB=gpb, BLOCK_GS=block_gs, num_warps=warps
+    )
+    _launch_bytes(_int4_quant_pack_kernel, n_bytes, pc, scale, zero, packed, numel, n_bytes, group_size)
+    return packed, scale, zero
+
+
+def dequantize_int4_triton(
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    shape: Sequence[int],
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
+    check_group_size(group_size)
+    check_float_dtype(dtype)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    numel = math.prod(dims)
+    check_dtype("packed", packed, torch.uint8)
+    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got "
+                         f"{tuple(packed.shape)}")  # fmt: skip
+    if zero is None:
+        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
+    check_stats(numel, group_size, scale, zero)
+    check_device(packed, scale, zero)
+    check_numel(numel)
+    out = _empty(dims, dtype=dtype, device=packed.device)
+    if numel:
+        n_bytes = packed.numel()
+        _launch_bytes(_int4_dequant_kernel, n_bytes, packed, scale, zero, out, numel, n_bytes, group_size)
+    return out
+
+
+def pack_int4_triton(q: Tensor) -> Tensor:
+    """Pack ``q: uint8`` codes in 0..15 (any shape, row-major) into ``uint8 [ceil(numel / 2)]``."""
+    check_dtype("q", q, torch.uint8)
+    check_device(q)
+    check_numel(q.numel())
+    numel = q.numel()
+    if numel and int(q.max()) > 15:  # the reference's check (one device sync)
+        raise ValueError(f"q must hold 4-bit codes 0..15, found {int(q.max())}")
+    n_bytes = (numel + 1) // 2
+    out = _empty(n_bytes, dtype=torch.uint8, device=q.device)
+    if numel:
+        _launch_bytes(_pack_kernel, n_bytes, q.contiguous(), out, numel, n_bytes)
+    return out
+
+
+def unpack_int4_triton(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_int4_triton`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
+    check_dtype("packed", packed, torch.uint8)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got "
+                         f"{tuple(packed.shape)}")  # fmt: skip
+    check_device(packed)
+    check_numel(numel)
+    out = _empty(numel, dtype=torch.uint8, device=packed.device)
+    if numel:
+        _launch_bytes(_unpack_kernel, packed.numel(), packed, out, numel, packed.numel())
+    return out

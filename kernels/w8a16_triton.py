@@ -1,0 +1,335 @@
+"""Triton matmuls with an INT8 weight and 16-bit (or fp32) activations (``w8a16_ref.py``).
+
+``q: int8 [out, in]`` with fp32 ``scale``/``zero`` per group of ``group_size`` consecutive
+elements of the row-major flattening (docs/internals.md); a group may span rows when ``in`` is
+not a multiple of ``group_size``, so an element's group is ``(row * in + col) // group_size``.
+
+Both kernels load W tiles as int8 (half the bytes of bf16), dequantize them in registers exactly
+like the reference (``(q - zero) * scale`` in fp32, rounded once to the activation dtype) and
+accumulate in fp32 with ``tl.dot`` (fp32 activations: tf32 tensor cores, Triton's default).
+
+- fast path: ``in % group_size == 0`` and ``group_size % BLOCK_K == 0`` -> a K tile of a W row
+  lies in one group, the scales are a ``[BLOCK_N]`` vector per tile (one load per row);
+- general path: per element, a select among the few group vectors a tile row spans (any shape,
+  groups >= ``MIN_KERNEL_GROUP``; tinier groups dequantize W and use torch's matmul).
+
+``SWAP`` computes the transposed tile (``W @ x^T``) so that the dequantized W is the left
+operand: on Hopper the left wgmma operand may stay in registers and the small token count
+becomes the instruction's N (>= 8) rather than its M (>= 64), which suits decode-like shapes.
+The autotuner picks ``SWAP`` and the tile per (M bucket, N, K, group size).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._groups import check_floating, check_group_size, check_stats
+from .int8_triton import check_device, check_numel, dequantize_int8_triton, interpreting
+from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
+
+__all__ = ["w8a16_linear_triton", "w8a16_grad_input_triton"]
+
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_K_ALIGN = 128  # every config's reduction block divides this: "K % 128 == 0" means no K masks
+MIN_KERNEL_GROUP = 32  # smaller groups: dequantize W, then torch's matmul (as the reference does)
+_empty = torch.empty  # every output allocation goes through here (tests poison it)
+# Used under TRITON_INTERPRET=1 (the autotuner needs a GPU); tests may change it.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SWAP": False}
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP": swap}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# Decode-like (M <= 64): stream W once, few tokens; swapped tiles keep the tokens as wgmma's N.
+_SMALL_M = [
+    _cfg(16, 64, 128, 4, 4, True),
+    _cfg(16, 128, 128, 4, 4, True),
+    _cfg(32, 64, 128, 4, 4, True),
+    _cfg(64, 128, 64, 4, 4, True),
+    _cfg(16, 64, 128, 4, 4, False),
+    _cfg(32, 128, 64, 4, 4, False),
+]
+# Training-like (M > 64): large tiles for tensor-core throughput.
+_LARGE_M = [
+    _cfg(128, 128, 64, 8, 4, False),
+    _cfg(128, 256, 64, 8, 3, False),
+    _cfg(128, 128, 64, 8, 4, True),
+    _cfg(256, 128, 64, 8, 3, True),
+    _cfg(64, 128, 64, 4, 4, False),
+    _cfg(128, 64, 64, 4, 4, False),
+    _cfg(128, 256, 64, 8, 4, True),
+    _cfg(128, 128, 128, 8, 3, False),
+    _cfg(256, 128, 128, 8, 2, True),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs of the M bucket (the autotuner's key): small-M or large-M tiles."""
+    m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 20))
+    small = m_bucket <= 64
+    return [c for c in configs if (c in _SMALL_M) == small] or list(configs)
+
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for the token count: powers of two up to 4096 (decode M changes often)."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row-tiles share each column tile while it is in L2."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _group_scales(s_ptr, z_ptr, rows, cols, col0, K, NK, C: tl.constexpr, GS: tl.constexpr,
+                  SYMMETRIC: tl.constexpr):  # fmt: skip
+    """Per-element ``(scale, zero)`` ``[R, C]`` of W at ``rows [R]`` x ``cols [C]``, ``NK`` = numel.
+
+    A tile row covers C consecutive flat elements, hence at most ``(C - 1) // GS + 2`` groups:
+    load those few ``[R]`` vectors and select per element. (A per-element gather would be
+    software-pipelined into shared memory as an ``[R, C]`` fp32 buffer per stage: too large.)
+    The wrappers send groups smaller than ``MIN_KERNEL_GROUP`` elsewhere, so that at most 9 vectors
+    are loaded. Entries outside the tile's rows' span (wrapped or masked columns) get 0.
+    """
+    g0 = (rows * K + col0) // GS
+    j = (rows[:, None] * K + cols[None, :]) // GS - g0[:, None]
+    last = (NK - 1) // GS
+    s = tl.zeros((rows.shape[0], C), dtype=tl.float32)
+    z = tl.zeros((rows.shape[0], C), dtype=tl.float32)
+    for t in tl.static_range((C - 1) // GS + 2):
+        gt = tl.minimum(g0 + t, last)
+        s = tl.where(j == t, tl.load(s_ptr + gt)[:, None], s)
+        if not SYMMETRIC:
+            z = tl.where(j == t, tl.load(z_ptr + gt)[:, None], z)
+    return s, z
+
+
+@triton.jit
+def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, GS: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """fp32 ``(q - zero) * scale`` of an int8 tile ``q [R, C]`` of W at ``rows [R]`` x ``cols [C]``.
+
+    FAST: ``cols`` lie in one group per row (group ``(row * K + col0) // GS``). ``NK`` = N * K.
+    Out-of-range entries get finite values.
+    """
+    if FAST:
+        g = (rows * K + col0) // GS
+        s = tl.load(s_ptr + g)[:, None]
+        if SYMMETRIC:
+            return q.to(tl.float32) * s
+        return (q.to(tl.float32) - tl.load(z_ptr + g)[:, None]) * s
+    s, z = _group_scales(s_ptr, z_ptr, rows, cols, col0, K, NK, C, GS, SYMMETRIC)
+    if SYMMETRIC:
+        return q.to(tl.float32) * s
+    return (q.to(tl.float32) - z) * s
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _w8a16_fwd_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
+    M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
+):  # fmt: skip
+    """``y [M, N] = x [M, K] @ dequant(q [N, K])^T (+ bias)``, fp32 accumulation, y in x's dtype."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm = offs_m % M  # wrapped rows/cols load valid memory; they are never stored
+    rn = offs_n % N
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    q_ptrs = q_ptr + rn[:, None] * K + rk[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + rk)[None, :] < K
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            q = tl.load(q_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=kmask, other=0.0)
+            q = tl.load(q_ptrs, mask=kmask, other=0)
+        w = _dequant_tile(q, s_ptr, z_ptr, rn, k0 + rk, k0, K, N * K,
+                          K_DIV_GS and (GS % BLOCK_K == 0), SYMMETRIC, GS, BLOCK_K).to(x.dtype)  # fmt: skip
+        if SWAP:  # noqa: SIM108 (a compile-time branch: Triton specializes it away)
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _w8a16_bwd_kernel(
+    dy_ptr, q_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, stride_dym,
+    M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
+):  # fmt: skip
+    """``dx [M, K] = dy [M, N] @ dequant(q [N, K])``: output tiles over (M, K), reduction over N.
+
+    Here ``BLOCK_N`` is the output tile along K (W's columns) and ``BLOCK_K`` the reduction
+    block along N (W's rows), so the same configs serve both kernels; ``EVEN_K`` means N % 128.
+    """
+    pid_m, pid_c = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = W columns
+    rr = tl.arange(0, BLOCK_K)  # reduction = W rows
+    rm = offs_m % M
+    rc = offs_c % K
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rr[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        rows = n0 + rr
+        q_ptrs = q_ptr + rows[:, None] * K + rc[None, :]
+        if EVEN_K:
+            dy = tl.load(dy_ptrs)
+            q = tl.load(q_ptrs)
+        else:
+            rmask = rows[:, None] < N
+            dy = tl.load(dy_ptrs, mask=(rows < N)[None, :], other=0.0)
+            q = tl.load(q_ptrs, mask=rmask, other=0)
+        # Rows past N: masked loads (finite), dy is 0 there. Wrapped columns are never stored.
+        w = _dequant_tile(q, s_ptr, z_ptr, tl.minimum(rows, N - 1), rc, pid_c * BLOCK_N, K, N * K,
+                          K_DIV_GS and (GS % BLOCK_N == 0), SYMMETRIC, GS,
+                          BLOCK_N).to(dy.dtype)  # fmt: skip
+        if SWAP:  # noqa: SIM108 (a compile-time branch)
+            acc = tl.dot(tl.trans(w), tl.trans(dy), acc)
+        else:
+            acc = tl.dot(dy, w, acc)
+        dy_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
+    dx_ptrs = dx_ptr + offs_m[:, None] * K + offs_c[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < K))
+
+
+_KEY = ["M_BUCKET", "N", "K", "GS", "SYMMETRIC"]
+_fwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _w8a16_fwd_kernel
+)
+_bwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _w8a16_bwd_kernel
+)
+
+
+def _launch(tuned, kernel, args: tuple, m: int, n_out: int, meta: dict) -> None:
+    """Autotuned launch on a GPU; a fixed config under the interpreter or ``QGL_TRITON_AUTOTUNE=0``.
+
+    ``M_BUCKET`` is an ordinary (unspecialized) argument used only as the autotuner's key.
+    """
+    if interpreting() or os.environ.get("QGL_TRITON_AUTOTUNE") == "0":
+        if interpreting():
+            cfg, opts = dict(INTERPRET_CONFIG), {}
+        else:
+            c = (_SMALL_M if meta["M_BUCKET"] <= 64 else _LARGE_M)[0]
+            cfg, opts = dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        kernel[grid](*args, **meta, **cfg, **opts)
+        return
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]),)
+    tuned[grid](*args, **meta)
+
+
+def _check(name: str, a: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dim: int):
+    check_group_size(group_size)
+    check_floating(name, a)
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"q must be a 2-D int8 (out, in) weight, got {q.dtype} {tuple(q.shape)}")
+    if a.shape[-1] != q.shape[dim]:
+        what = "in-features" if dim == 1 else "out-features"
+        raise ValueError(f"{name}'s last dim {a.shape[-1]} must equal the weight's {what} {q.shape[dim]}")
+    check_stats(q.numel(), group_size, scale, zero)
+    check_device(a, q, scale, zero)
+    check_numel(q.numel())
+    check_numel(a.numel())
+
+
+def w8a16_linear_triton(
+    x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x @ dequant(W)^T + bias``: ``x [..., in]`` (fp32/bf16/fp16), ``q int8 [out, in]`` -> ``[..., out]``.
+
+    Result in ``x.dtype``; ``bias [out]`` is cast to ``x.dtype``, then added in fp32 to the fp32
+    accumulator. Other activation dtypes fall back to the reference.
+    """
+    _check("x", x, q, scale, zero, group_size, 1)
+    if x.dtype not in _ACT_DTYPES:
+        return w8a16_linear_ref(x, q, scale, zero, group_size, bias)
+    if group_size < MIN_KERNEL_GROUP:
+        w = dequantize_int8_triton(q, scale, zero, group_size, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    n, k = q.shape
+    x2 = x.reshape(-1, k)
+    if x2.numel() and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = _empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.view(*x.shape[:-1], n)
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(x.dtype)
+        return y.view(*x.shape[:-1], n)
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=k % _K_ALIGN == 0,
+                SYMMETRIC=zero is None, HAS_BIAS=b is not None)  # fmt: skip
+    qc = q.contiguous()
+    args = (x2, qc, scale, scale if zero is None else zero, y if b is None else b, y, m, n, k, x2.stride(0))
+    _launch(_fwd_tuned, _w8a16_fwd_kernel, args, m, n, meta)
+    return y.view(*x.shape[:-1], n)
+
+
+def w8a16_grad_input_triton(
+    dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int
+) -> Tensor:
+    """``dy @ dequant(W)``: ``dy [..., out]`` (fp32/bf16/fp16), ``q int8 [out, in]`` -> ``dx [..., in]``.
+
+    Result in ``dy.dtype``, fp32 accumulation.
+    """
+    _check("dy", dy, q, scale, zero, group_size, 0)
+    if dy.dtype not in _ACT_DTYPES:
+        return w8a16_grad_input_ref(dy, q, scale, zero, group_size)
+    if group_size < MIN_KERNEL_GROUP:
+        return dy @ dequantize_int8_triton(q, scale, zero, group_size, dy.dtype)
+    n, k = q.shape
+    dy2 = dy.reshape(-1, n)
+    if dy2.numel() and dy2.stride(1) != 1:
+        dy2 = dy2.contiguous()
+    m = dy2.shape[0]
+    dx = _empty((m, k), dtype=dy.dtype, device=dy.device)
+    if m == 0 or k == 0:
+        return dx.view(*dy.shape[:-1], k)
+    if n == 0:
+        return dx.zero_().view(*dy.shape[:-1], k)
+    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=n % _K_ALIGN == 0,
+                SYMMETRIC=zero is None)  # fmt: skip
+    args = (dy2, q.contiguous(), scale, scale if zero is None else zero, dx, m, n, k, dy2.stride(0))
+    _launch(_bwd_tuned, _w8a16_bwd_kernel, args, m, k, meta)
+    return dx.view(*dy.shape[:-1], k)

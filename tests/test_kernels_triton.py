@@ -1,0 +1,423 @@
+"""Triton kernels against their plain-torch references.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) on small shapes, several
+not divisible by the block or group size; on a GPU the same tests run compiled, plus the
+``cuda``-marked ones (dispatch, LLaMA-size shapes, bf16 tensor cores). Every output allocation of
+the Triton modules is poisoned (NaN, or garbage) and each kernel runs twice with two different
+poisons: an element a kernel forgot to write differs between the runs or from the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qgl.kernels import _dispatch, int4_ref, int4_triton, int8_ref, int8_triton, w8a16_ref, w8a16_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+# fp32 matmuls: exact fp32 in the interpreter; tf32 tensor cores on a GPU.
+F32_TOL = 3e-3 if CUDA else 1e-5
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Garbage-fill every output the Triton modules allocate; ``poison.round`` picks the garbage."""
+
+    class State:
+        round = 0
+
+    def empty(*shape, dtype=None, device=None, **kwargs):
+        t = torch.empty(*shape, dtype=dtype, device=device, **kwargs)
+        if t.is_floating_point():
+            return t.fill_(float("nan") if State.round == 0 else 3.0e4)
+        if t.dtype == torch.uint8:
+            return t.fill_(0xA5 if State.round == 0 else 0x5A)
+        return t.fill_(-77 if State.round == 0 else 93)
+
+    for mod in (int8_triton, int4_triton, w8a16_triton):
+        monkeypatch.setattr(mod, "_empty", empty)
+    return State
+
+
+def run2(state, fn, *args):
+    """``fn(*args)`` with both poisons; the results must be identical. Returns the first."""
+    outs = []
+    for r in (0, 1):
+        state.round = r
+        outs.append(fn(*args))
+    first, second = (o if isinstance(o, tuple) else (o,) for o in outs)
+    for a, b in zip(first, second, strict=True):
+        if a is not None:
+            assert torch.equal(a, b), "an output element depends on the poison: it was never written"
+    return outs[0]
+
+
+def on_cpu(fn, *args):
+    """A reference computed on CPU, result on DEV: exact IEEE division there, while torch on CUDA
+    divides by a Python scalar through its reciprocal (scales 1 ulp off at times)."""
+    out = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    back = lambda o: o.to(DEV) if isinstance(o, torch.Tensor) else o
+    return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, device=DEV) * scale + shift).to(dtype)
+
+
+SHAPES_GS = [((3, 5), 64), ((17, 300), 64), ((17, 300), 100), ((64, 257), 256), ((2, 3, 40), 7)]
+
+
+# --- INT8 format ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,gs", SHAPES_GS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_dequantize_int8_exact(poison, shape, gs, symmetric):
+    w = randn(*shape, scale=2.0, shift=0.0 if symmetric else 0.7)
+    q, s, z = run2(poison, int8_triton.quantize_int8_triton, w, gs, symmetric)
+    q_r, s_r, z_r = on_cpu(int8_ref.quantize_int8_ref, w, gs, symmetric)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert torch.equal(q, q_r) and torch.equal(s, s_r)
+    assert (z is None) == symmetric and (symmetric or torch.equal(z, z_r))
+    d = run2(poison, int8_triton.dequantize_int8_triton, q, s, z, gs, torch.float32)
+    assert torch.equal(d, on_cpu(int8_ref.dequantize_int8_ref, q, s, z, gs))
+    d16 = run2(poison, int8_triton.dequantize_int8_triton, q, s, z, gs, torch.float16)
+    assert torch.equal(d16, on_cpu(int8_ref.dequantize_int8_ref, q, s, z, gs, torch.float16))
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16])
+def test_int8_low_precision_io(poison, in_dtype):
+    w = randn(9, 70, dtype=in_dtype)
+    q, s, _ = run2(poison, int8_triton.quantize_int8_triton, w, 64, True)
+    q_r, s_r, _ = on_cpu(int8_ref.quantize_int8_ref, w, 64, True)
+    assert torch.equal(q, q_r) and torch.equal(s, s_r)
+    d = run2(poison, int8_triton.dequantize_int8_triton, q, s, None, 64, torch.bfloat16)
+    d_r = on_cpu(int8_ref.dequantize_int8_ref, q, s, None, 64, torch.bfloat16)
+    if CUDA:
+        assert torch.equal(d, d_r)
+    else:  # the interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even
+        torch.testing.assert_close(d, d_r, rtol=2**-7, atol=0)
+
+
+def _exact_grid(q0, s0, z0, delta, decay, gs, s_new, z_new):
+    """fp64 ``x = w' / scale' + zero'`` per element (w' from the old state), flat."""
+    w = int8_ref.dequantize_int8_ref(q0, s0, z0, gs, torch.float64).reshape(-1) * decay
+    w = w + delta.reshape(-1).double()
+    idx = torch.arange(w.numel(), device=w.device) // gs
+    x = w / s_new.double()[idx]
+    return (x + z_new.double()[idx]) if z_new is not None else x, w, idx
+
+
+@pytest.mark.parametrize("shape,gs", SHAPES_GS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_int8_update_floor_or_ceil(shape, gs, symmetric, decay):
+    q0, s0, z0 = int8_ref.quantize_int8_ref(randn(*shape, shift=0.0 if symmetric else 0.5), gs, symmetric)
+    step = s0[torch.arange(q0.numel(), device=DEV) // gs].reshape(shape)
+    delta = torch.rand(shape, device=DEV).sub(0.5) * 6 * step  # up to 3 steps either way
+    q, s, z = q0.clone(), s0.clone(), None if symmetric else z0.clone()
+    int8_triton.int8_update_triton(q, s, z, delta, decay, gs, seed=1234)
+    q_r, s_r, z_r = q0.clone(), s0.clone(), None if symmetric else z0.clone()
+    int8_ref.int8_update_ref(q_r, s_r, z_r, delta, decay, gs, seed=1234)
+    torch.testing.assert_close(s, s_r, rtol=1e-6, atol=0)
+    if not symmetric:
+        torch.testing.assert_close(z, z_r, rtol=1e-6, atol=1e-4)
+    x, _, _ = _exact_grid(q0, s0, z0, delta, decay, gs, s, z)
+    lo = -127 if symmetric else -128
+    got = q.reshape(-1).double()
+    assert ((got >= (x - 1e-4).floor().clamp(lo, 127)) & (got <= (x + 1e-4).ceil().clamp(lo, 127))).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_update_writes_everything(symmetric):
+    """decay = 0: w' = delta whatever the old state, so a garbage old state must vanish entirely."""
+    shape, gs = (17, 300), 100
+    delta = randn(*shape, shift=0.0 if symmetric else 0.3)
+    g = -(-delta.numel() // gs)
+    q = torch.full(shape, -128 if symmetric else 127, dtype=torch.int8, device=DEV)
+    s = torch.full((g,), 1e3, device=DEV)
+    z = None if symmetric else torch.full((g,), -1e3, device=DEV)
+    int8_triton.int8_update_triton(q, s, z, delta, 0.0, gs, seed=7)
+    _, s_r, z_r = int8_ref.quantize_int8_ref(delta, gs, symmetric)
+    torch.testing.assert_close(s, s_r, rtol=1e-6, atol=0)
+    if not symmetric:
+        torch.testing.assert_close(z, z_r, rtol=1e-6, atol=1e-4)
+    idx = torch.arange(delta.numel(), device=DEV) // gs
+    x = delta.reshape(-1).double() / s.double()[idx]
+    if not symmetric:
+        x = x + z.double()[idx]
+    got = q.reshape(-1).double()
+    assert ((got >= (x - 1e-4).floor()) & (got <= (x + 1e-4).ceil())).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_update_unbiased(symmetric):
+    """An update of ~0.01 of a step survives in expectation (round-to-nearest would drop it)."""
+    shape, gs, n_seeds = (4, 96), 64, 200 if not CUDA else 2000
+    q0, s0, z0 = int8_ref.quantize_int8_ref(randn(*shape, shift=0.0 if symmetric else 0.4), gs, symmetric)
+    step = s0[torch.arange(q0.numel(), device=DEV) // gs].reshape(shape)
+    # One sign everywhere (round-to-nearest would be off by -0.01 step on average), random sizes
+    # (a uniform shift would only move the zero point of an asymmetric group).
+    delta = 0.01 * step * (1.0 + torch.rand(shape, device=DEV))
+    total = torch.zeros(q0.numel(), dtype=torch.float64, device=DEV)
+    for seed in range(n_seeds):
+        q, s, z = q0.clone(), s0.clone(), None if symmetric else z0.clone()
+        int8_triton.int8_update_triton(q, s, z, delta, 1.0, gs, seed)
+        total += int8_ref.dequantize_int8_ref(q, s, z, gs, torch.float64).reshape(-1)
+    x, w_exact, idx = _exact_grid(q0, s0, z0, delta, 1.0, gs, s, z)  # s, z: same for every seed
+    frac = x - x.floor()
+    var = frac * (1 - frac)  # per draw, in steps^2
+    err = (total / n_seeds - w_exact) / s.double()[idx]  # mean error in steps
+    # Per element within 4 standard errors, + 2 draws of slack for the discreteness of the count
+    # (frac(x) ~ 1e-4 gives 2 ceils in 200 draws once in ~5000 elements) ...
+    assert (err.abs() <= 4 * (var / n_seeds).sqrt() + 2.0 / n_seeds).all()
+    # ... and the mean over all elements within 4 of its standard errors (here ~0.0014 step, while
+    # round-to-nearest would give about -0.015).
+    assert abs(err.mean().item()) <= 4 * math.sqrt(var.sum().item() / n_seeds) / err.numel() + 1e-6
+
+
+def test_int8_update_seeds():
+    shape, gs = (8, 128), 64
+    q0, s0, _ = int8_ref.quantize_int8_ref(randn(*shape), gs, True)
+    delta = torch.rand(shape, device=DEV).sub(0.5) * 2 * s0.repeat_interleave(gs).reshape(shape)
+    outs = {}
+    for key, seed in (("a", 11), ("a2", 11), ("b", 12), ("big", 2**40 + 11)):
+        q, s = q0.clone(), s0.clone()
+        int8_triton.int8_update_triton(q, s, None, delta, 1.0, gs, seed)
+        outs[key] = q
+    assert torch.equal(outs["a"], outs["a2"])
+    assert not torch.equal(outs["a"], outs["b"])
+    assert not torch.equal(outs["a"], outs["big"])
+
+
+# --- W8A16 matmuls ------------------------------------------------------------------------------------
+
+# (tokens, out, in, group): group spanning rows (in < group), in not a multiple of the group or
+# of the block, the fast path (in % group == 0, group % BLOCK_K == 0), a tiny group.
+W8_SHAPES = [
+    (3, 5, 7, 64),
+    (17, 33, 300, 64),
+    (16, 40, 256, 64),
+    (5, 24, 257, 100),
+    (9, 64, 128, 256),
+    (4, 6, 9, 4),
+]
+
+
+@pytest.mark.parametrize("m,n,k,gs", W8_SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a16_fp32(poison, m, n, k, gs, symmetric):
+    q, s, z = int8_ref.quantize_int8_ref(randn(n, k, shift=0.0 if symmetric else 0.3), gs, symmetric)
+    x, bias, dy = randn(2, m, k), randn(n), randn(2, m, n)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias)
+    assert y.shape == (2, m, n) and y.dtype == x.dtype
+    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, gs, bias)) < F32_TOL
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
+    assert dx.shape == (2, m, k) and dx.dtype == dy.dtype
+    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, gs)) < F32_TOL
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("m,n,k,gs", [(17, 33, 300, 64), (16, 40, 256, 64)])
+def test_w8a16_fp16_swap(poison, monkeypatch, swap, m, n, k, gs):
+    monkeypatch.setitem(w8a16_triton.INTERPRET_CONFIG, "SWAP", swap)
+    q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, False)
+    x, dy = randn(m, k, dtype=torch.float16), randn(m, n, dtype=torch.float16)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, None)
+    assert y.dtype == torch.float16
+    x32 = x.float()
+    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x32, q, s, z, gs)) < 3e-3
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
+    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 3e-3
+
+
+# --- INT4 format and projections ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,gs", SHAPES_GS + [((7,), 3)])
+def test_int4_formats_exact(poison, shape, gs):
+    p = randn(*shape)
+    packed, s, z = run2(poison, int4_triton.quantize_int4_triton, p, gs)
+    ref = on_cpu(int4_ref.quantize_int4_ref, p, gs)
+    assert torch.equal(packed, ref[0]) and torch.equal(s, ref[1]) and torch.equal(z, ref[2])
+    d = run2(poison, int4_triton.dequantize_int4_triton, packed, s, z, shape, gs, torch.float32)
+    assert torch.equal(d, on_cpu(int4_ref.dequantize_int4_ref, packed, s, z, shape, gs))
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8, device=DEV)
+    pk = run2(poison, int4_triton.pack_int4_triton, codes)
+    assert torch.equal(pk, int4_ref.pack_int4_ref(codes))
+    un = run2(poison, int4_triton.unpack_int4_triton, pk, codes.numel())
+    assert torch.equal(un, codes.reshape(-1))
+
+
+def test_pack_int4_rejects_wide_codes():
+    with pytest.raises(ValueError, match="0..15"):
+        int4_triton.pack_int4_triton(torch.tensor([3, 16], dtype=torch.uint8, device=DEV))
+
+
+# (m, n, rank, group): fast paths (row length % group == 0), general, odd row lengths, tiny group.
+I4_SHAPES = [(17, 300, 5, 64), (40, 33, 16, 256), (64, 257, 24, 100), (33, 64, 32, 32), (20, 31, 7, 3)]
+
+
+@pytest.mark.parametrize("m,n,r,gs", I4_SHAPES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_int4_projections_fp32(poison, m, n, r, gs, side):
+    p_shape = (r, n) if side == "right" else (m, r)
+    packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
+    g = randn(m, n)
+    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side)
+    low_r = int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)
+    assert low.dtype == torch.float32 and low.shape == low_r.shape
+    assert rel_err(low, low_r) < F32_TOL
+    low_in = randn(*low_r.shape)
+    full = run2(poison, int4_triton.int4_project_back_triton, low_in, packed, s, z, p_shape, gs, side)
+    assert full.shape == (m, n)
+    assert rel_err(full, int4_ref.int4_project_back_ref(low_in, packed, s, z, p_shape, gs, side)) < F32_TOL
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_int4_project_fp16_strided(poison, side):
+    m, n, r, gs = 48, 64, 16, 64
+    p_shape = (r, n) if side == "right" else (m, r)
+    packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
+    g = randn(n, m, dtype=torch.float16).t()  # non-contiguous gradient
+    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side)
+    assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < 3e-3
+
+
+# --- dispatch and GPU-only checks -------------------------------------------------------------------
+
+_PUBLIC = {
+    "int8": ["quantize_int8", "dequantize_int8", "int8_update"],
+    "int4": [
+        "quantize_int4",
+        "dequantize_int4",
+        "pack_int4",
+        "unpack_int4",
+        "int4_project",
+        "int4_project_back",
+    ],
+    "w8a16": ["w8a16_linear", "w8a16_grad_input"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(_PUBLIC))
+def test_every_dispatch_name_has_a_triton_kernel(family):
+    for name in _PUBLIC[family]:
+        assert _dispatch._triton_impl(family, name) is not None, name
+
+
+@pytest.mark.cuda
+def test_dispatch_selects_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv("QGL_DISABLE_TRITON", raising=False)
+    t = torch.zeros(1, device="cuda")
+    assert (
+        _dispatch.pick(t, "int8", "int8_update", int8_ref.int8_update_ref) is int8_triton.int8_update_triton
+    )
+    assert _dispatch.pick(t, "w8a16", "w8a16_linear", None) is w8a16_triton.w8a16_linear_triton
+    assert _dispatch.pick(t, "int4", "int4_project", None) is int4_triton.int4_project_triton
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [16, 1000])
+@pytest.mark.parametrize(
+    "n,k,gs,symmetric", [(2048, 2048, 256, True), (1000, 1536, 128, False), (384, 1000, 256, True)]
+)
+def test_w8a16_bf16_cuda(poison, m, n, k, gs, symmetric):
+    q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, symmetric)
+    x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias)
+    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
+    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_projection_large_cuda(poison, side, dtype):
+    m, n, r, gs = 1024, 2752, 256, 256
+    p_shape = (r, n) if side == "right" else (m, r)
+    packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
+    g = randn(m, n, dtype=dtype)
+    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side)
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < tol
+    full = run2(poison, int4_triton.int4_project_back_triton, low, packed, s, z, p_shape, gs, side)
+    assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3
+
+
+@pytest.mark.cuda
+def test_int8_large_cuda(poison):
+    w = randn(2048, 5504)
+    q, s, z = run2(poison, int8_triton.quantize_int8_triton, w, 256, False)
+    ref = on_cpu(int8_ref.quantize_int8_ref, w, 256, False)
+    assert torch.equal(q, ref[0]) and torch.equal(s, ref[1]) and torch.equal(z, ref[2])
+    delta = randn(2048, 5504, scale=1e-3)
+    q2, s2, z2 = q.clone(), s.clone(), z.clone()
+    int8_triton.int8_update_triton(q2, s2, z2, delta, 0.999, 256, seed=3)
+    x, _, _ = _exact_grid(q, s, z, delta, 0.999, 256, s2, z2)
+    got = q2.reshape(-1).double()
+    assert ((got >= (x - 1e-4).floor()) & (got <= (x + 1e-4).ceil())).all()
+
+
+_W8_CONFIGS = w8a16_triton._SMALL_M + w8a16_triton._LARGE_M
+
+
+@contextlib.contextmanager
+def _skip_if_too_large():
+    """A config whose tiles exceed the GPU's shared memory is skipped by the autotuner too."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        yield
+    except OutOfResources as err:
+        pytest.skip(f"config does not fit this GPU: {err}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", range(len(_W8_CONFIGS)))
+def test_w8a16_every_config_cuda(monkeypatch, idx):
+    """Each autotuner config is correct on its own (the tuner would pick a wrong-but-fast one)."""
+    cfg = _W8_CONFIGS[idx]
+    monkeypatch.setenv("QGL_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(w8a16_triton, "_SMALL_M", [cfg])
+    monkeypatch.setattr(w8a16_triton, "_LARGE_M", [cfg])
+    # fast path (in % group == 0) and general path (groups spanning rows), both M buckets
+    for m, n, k, gs, sym in [(300, 520, 1024, 256, True), (40, 260, 1000, 128, False)]:
+        q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, sym)
+        x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
+        with _skip_if_too_large():
+            y = w8a16_triton.w8a16_linear_triton(x, q, s, z, gs, bias)
+            dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, gs)
+        assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
+        assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", range(len(int4_triton._CONFIGS)))
+def test_int4_every_config_cuda(monkeypatch, idx):
+    monkeypatch.setenv("QGL_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(int4_triton, "_CONFIGS", [int4_triton._CONFIGS[idx]])
+    # fast paths; general paths with an even and an odd row length of P
+    for m, n, r, gs in [(512, 768, 256, 256), (300, 390, 101, 64)]:
+        for side in ("right", "left"):
+            p_shape = (r, n) if side == "right" else (m, r)
+            packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
+            g = randn(m, n, dtype=torch.bfloat16)
+            with _skip_if_too_large():
+                low = int4_triton.int4_project_triton(g, packed, s, z, p_shape, gs, side)
+                full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side)
+            assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < 1e-2
+            assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3
