@@ -1,0 +1,102 @@
+"""Training-step throughput and peak memory: qgl Q-GaLore against bf16 AdamW, one run, one table.
+
+    python benchmarks/train_step.py --model 60m --batch 16 --seq 256 --steps 30
+
+Random tokens (throughput and memory do not depend on the data). Each method builds the model
+afresh; the first steps (SVDs of every matrix, allocator warm-up) are excluded from tokens/s.
+Peak memory is `torch.cuda.max_memory_allocated` over the whole run, the model included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import time
+
+import torch
+
+from qgl.models.llama import LlamaForCausalLM
+from qgl.nn import quantize_model
+from qgl.optim import QGaLoreAdamW, make_param_groups
+
+
+def _build(name: str, method: str, rank: int, checkpointing: bool):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_name(name, activation_checkpointing=checkpointing).cuda()
+    if method == "bf16-adamw":
+        model = model.bfloat16()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    quantize_model(model)
+    model = model.bfloat16()
+    groups = make_param_groups(model, rank=rank, update_proj_gap=200, scale=0.25)
+    return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=False)
+
+
+def measure(
+    name: str, method: str, batch: int, seq: int, steps: int, warmup: int, rank: int, checkpointing: bool
+) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt = _build(name, method, rank, checkpointing)
+    vocab = model.config.vocab_size
+    data = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
+    for step in range(steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = model(data[:, :-1], labels=data[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    svds = 0
+    if isinstance(opt, QGaLoreAdamW):
+        svds = sum(s["svd_count"] for s in opt.subspace_stats().values())
+    result = dict(
+        method=method,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        tokens_per_s=batch * seq * (steps - warmup) / seconds,
+        loss=loss.item(),
+        svds=svds,
+    )
+    del model, opt
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="60m")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--checkpointing", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/train_step.py needs a CUDA device")
+    rows = [
+        measure(args.model, m, args.batch, args.seq, args.steps, args.warmup, args.rank, args.checkpointing)
+        for m in ("bf16-adamw", "qgl-qgalore")
+    ]
+    base = rows[0]
+    print(
+        f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
+        f"LLaMA-{args.model}, batch {args.batch} x {args.seq} tokens, rank {args.rank}, "
+        f"checkpointing {args.checkpointing}\n"
+    )
+    print("| method | peak GiB | vs bf16 AdamW | tokens/s | vs bf16 AdamW | SVDs | last loss |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['svds']} | "
+            f"{r['loss']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

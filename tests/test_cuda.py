@@ -1,0 +1,107 @@
+"""The core acceptance checks again, on CUDA: Triton dispatch, bitsandbytes' 8-bit kernel.
+
+Skipped on machines without a GPU (see conftest.py); run on the device with `pytest -m cuda`.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import qgl.kernels as K
+from qgl.kernels import int8_ref, w8a16_ref
+from qgl.models.llama import LlamaForCausalLM
+from qgl.nn import QLinear, quantize_model
+from qgl.optim import QGaLoreAdamW, make_param_groups
+from qgl.optim.adam import _direction_8bit_bnb, _direction_8bit_ref, adam_direction, init_moments
+
+pytestmark = pytest.mark.cuda
+
+
+def test_dispatch_picks_triton_on_cuda():
+    x = torch.randn(8, 8, device="cuda")
+    assert K.use_triton(x)
+    assert not K.use_triton(x.cpu())
+
+
+@pytest.mark.parametrize("shape,group", [((256, 512), 256), ((300, 257), 64), ((11008, 4096), 256)])
+def test_int8_kernels_match_reference_on_cuda(shape, group):
+    w = torch.randn(shape, device="cuda")
+    for symmetric in (True, False):
+        q, s, z = K.quantize_int8(w, group, symmetric)
+        q_ref, s_ref, z_ref = int8_ref.quantize_int8_ref(w, group, symmetric)
+        torch.testing.assert_close(s, s_ref)
+        assert (q.int() - q_ref.int()).abs().max() <= 1  # ties of round() may differ by one code
+        torch.testing.assert_close(
+            K.dequantize_int8(q, s, z, group), int8_ref.dequantize_int8_ref(q, s, z, group)
+        )
+
+
+def test_int8_update_kernel_is_unbiased_on_cuda():
+    w = torch.randn(64, 256, device="cuda")
+    q0, s0, z0 = K.quantize_int8(w, 256, True)
+    step = s0.repeat_interleave(256).view(64, 256)
+    delta = 0.01 * step
+    exact = K.dequantize_int8(q0, s0, z0, 256) + delta
+    outs = []
+    for seed in range(200):
+        q, s = q0.clone(), s0.clone()
+        K.int8_update_(q, s, None, delta, 1.0, 256, seed)
+        outs.append(K.dequantize_int8(q, s, None, 256))
+    mean = torch.stack(outs).mean(0)
+    # 0.01-step updates survive in expectation (4 standard errors of the mean over all elements).
+    err = (mean - exact).mean() / step.mean()
+    assert abs(err.item()) < 4 * 0.5 / (200 * w.numel()) ** 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qlinear_triton_matches_reference(dtype):
+    layer = QLinear.from_linear(torch.nn.Linear(512, 384).cuda(), group_size=256)
+    x = torch.randn(4, 64, 512, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer.to(dtype)(x)
+    ref = w8a16_ref.w8a16_linear_ref(
+        x, layer.weight_int8, layer.weight_scale, layer.weight_zero, 256, layer.bias.to(dtype)
+    )
+    # The kernel's dot runs on tensor cores (bf16/tf32 inputs) even for fp32 activations.
+    tol = 2e-2
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    y.float().square().mean().backward()
+    assert layer.weight.grad.shape == (384, 512) and torch.isfinite(layer.weight.grad).all()
+
+
+def test_bitsandbytes_8bit_adam_matches_reference_math():
+    g0 = torch.randn(256, 384, device="cuda")
+    exact = init_moments(g0.shape, g0.device, 32)
+    ours = init_moments(g0.shape, g0.device, 8, 0)
+    bnb = {k: v.clone() for k, v in ours.items()}
+    for step in range(1, 11):
+        grad = g0 * (1 + 0.3 * torch.randn_like(g0))
+        d_exact = adam_direction(grad, exact, 0.9, 0.999, 1e-8, step)
+        d_ref = _direction_8bit_ref(grad, ours, 0.9, 0.999, 1e-8, step)
+        d_bnb = _direction_8bit_bnb(grad, bnb, 0.9, 0.999, 1e-8, step)
+        # On CPU (bitsandbytes' CPU kernel) this input measures 0.025-0.044 for ours and
+        # 0.060-0.072 for bitsandbytes, whose code search is not an exact nearest rounding.
+        assert ((d_ref - d_exact).norm() / d_exact.norm()) < 0.06
+        assert ((d_bnb - d_exact).norm() / d_exact.norm()) < 0.15
+
+
+def test_full_qgalore_trains_tiny_llama_on_cuda():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_name(
+        "tiny", hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4, max_seq_len=128
+    ).cuda()
+    quantize_model(model)
+    opt = QGaLoreAdamW(make_param_groups(model, rank=32, update_proj_gap=50), lr=1e-2, layerwise=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    text = torch.randint(0, 64, (4096,), device="cuda", generator=g)  # a repeating 64-token "language"
+    text = text.view(-1, 64).repeat(1, 4).view(-1)
+    losses = []
+    for _ in range(150):
+        i = torch.randint(0, text.numel() - 129, (16,), device="cuda", generator=g)
+        w = torch.stack([text[j : j + 129] for j in i.tolist()])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(w[:, :-1], labels=w[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
