@@ -22,3 +22,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_real_empty = torch.empty
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make torch.empty return garbage (NaN / odd integers) so that unwritten elements show."""
+
+    def empty(*args, **kwargs):
+        t = _real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -77 if t.dtype != torch.uint8 else 0x5A)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine those spin-wait
+    (about 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

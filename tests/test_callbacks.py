@@ -20,14 +20,7 @@ from qgl.callbacks import MemoryMonitor, QGaLoreCallback, SubspaceMonitor
 from qgl.nn import QLinear, quantized_modules
 from qgl.optim import QGaLoreAdamW
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they spin-wait (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyRegressor(L.LightningModule):

@@ -21,13 +21,7 @@ TINY = LlamaConfig.from_name("tiny", num_layers=2)
 BLOCK, BATCH = 32, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they spin-wait (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_loader(n_blocks: int = 16) -> DataLoader:
