@@ -17,13 +17,11 @@ name and moved into place with os.replace, the .json last: a crash never leaves 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from qgl._atomic import atomic_open
 from qgl.data.tokenizer import Tokenizer, get_tokenizer
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt.gz")
@@ -158,22 +157,12 @@ def resolve_source(source: str | os.PathLike = "corpus", *, text_field: str = "t
 
 
 def _atomic_write_bytes(path: Path, chunks: Iterator[bytes]) -> int:
-    """Write chunks to a temporary file beside `path`, fsync it and move it into place; returns the
-    number of bytes written. On any error the temporary file is removed and `path` is left as it was."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write chunks atomically to `path` (see `qgl._atomic.atomic_open`); returns the byte count."""
     size = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                size += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            size += len(chunk)
     return size
 
 

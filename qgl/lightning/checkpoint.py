@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,39 +28,18 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from qgl._atomic import atomic_open
+
 TMP_SUFFIX = ".qgl-tmp"  # temporary files are ".<name>.<random>.qgl-tmp": hidden, never "*.ckpt"
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename in `directory` (a no-op where directories cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)` that either fully replaces `path` or leaves it untouched.
 
-    The object is saved into a temporary file in `path`'s directory, flushed, fsync'ed and renamed
-    over `path`. On an exception the temporary file is removed; on a hard kill it stays behind
-    (hidden, with suffix `TMP_SUFFIX`) and `path` still holds the previous checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    On a hard kill the hidden temporary (suffix `TMP_SUFFIX`) stays behind and `path` still
+    holds the previous checkpoint; `remove_stale_temporaries` cleans such leftovers."""
+    with atomic_open(path, suffix=TMP_SUFFIX) as f:
+        torch.save(obj, f)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
