@@ -174,9 +174,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             return
         projector = self._new_projector(p, group)
         state["projector"] = projector
-        m, n = p.shape
-        low_shape = (m, group["rank"]) if m >= n else (group["rank"], n)
-        state.update(init_moments(low_shape, p.device, group["optim_bits"], group["min_8bit_size"]))
+        state.update(init_moments(projector.low_shape, p.device, group["optim_bits"], group["min_8bit_size"]))
 
     # ----------------------------------------------------------------- the update
 
