@@ -60,6 +60,8 @@ class QGaLoreCallback(Callback):
         layerwise_clip_norm: per-parameter gradient clipping under `layerwise` (global clipping
             needs every gradient at once; set `Trainer(gradient_clip_val=None)`).
         seed: seed of the stochastic rounding of the INT8 weights.
+        offload: optimizer states in host memory between updates: None/False (off), True or "cpu"
+            (pinned, prefetched), "paged" (bitsandbytes unified memory); see `qgl.optim.offload`.
         subspace_monitor: add a `SubspaceMonitor` if the trainer has none.
 
     From the module's optimizer the callback keeps lr, betas (when it has them), eps and
@@ -82,7 +84,7 @@ class QGaLoreCallback(Callback):
                  cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
                  max_gap: int | None = None, svd_method: str = "full", optim_bits: int = 8,
                  min_8bit_size: int = 4096, layerwise: bool = True, layerwise_clip_norm: float | None = None,
-                 seed: int = 0, subspace_monitor: bool = True) -> None:
+                 seed: int = 0, subspace_monitor: bool = True, offload: bool | str | None = None) -> None:
         self.config: dict[str, Any] = dict(
             rank=rank, target_modules=tuple(target_modules), exclude=tuple(exclude),
             quantize_weights=quantize_weights, group_size=group_size, symmetric=symmetric,
@@ -91,7 +93,7 @@ class QGaLoreCallback(Callback):
             adaptive=adaptive, cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size,
             max_gap=max_gap, svd_method=svd_method, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
             layerwise=layerwise, layerwise_clip_norm=layerwise_clip_norm, seed=seed,
-            subspace_monitor=subspace_monitor)
+            subspace_monitor=subspace_monitor, offload=offload)
         self.optimizer: QGaLoreAdamW | None = None
         self.user_optimizer: Optimizer | None = None
         self._scheduler_configs: list[LRSchedulerConfig] = []
@@ -191,7 +193,8 @@ class QGaLoreCallback(Callback):
                                    weight_decay=kept["weight_decay"], **{k: c[k] for k in _GALORE_OPTIONS})
         self.optimizer = QGaLoreAdamW(groups, **kept, optim_bits=c["optim_bits"],
                                       min_8bit_size=c["min_8bit_size"], seed=c["seed"],
-                                      layerwise=c["layerwise"], layerwise_clip_norm=c["layerwise_clip_norm"])
+                                      layerwise=c["layerwise"], layerwise_clip_norm=c["layerwise_clip_norm"],
+                                      offload=c["offload"])
         self.user_optimizer, self._scheduler_configs = user, configs
         # Lightning refuses schedulers bound to an optimizer it was not given: they join in on_fit_start.
         return {"optimizer": self.optimizer}

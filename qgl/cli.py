@@ -1,4 +1,4 @@
-"""`qgl` command line: `qgl train [RECIPE] [key=value ...]`, `qgl recipes`.
+"""`qgl` command line: `qgl train [RECIPE] [key=value ...]`, `qgl recipes`, `qgl plan [RECIPE] [...]`.
 
 The command only parses, resolves and prints the recipe; training lives in `qgl.lightning.run`
 (imported lazily, so `qgl --help` and recipe errors answer without loading torch/Lightning).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -103,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved recipe and exit without training")
     sub.add_parser("recipes", formatter_class=_Formatter, help="list the bundled recipes",
                    description=f"List the recipes bundled in {RECIPES_DIR}.")
+    plan = sub.add_parser(
+        "plan", formatter_class=_Formatter, help="predict a recipe's peak GPU memory and its parts",
+        description="Resolve RECIPE with the key=value overrides and print its memory plan (qgl.plan): the "
+                    "predicted peak of torch.cuda.max_memory_allocated and its parts, without building "
+                    "anything. With --gpu-mem, also the settings (offload, activation checkpointing, "
+                    "micro-batch with accumulation keeping the global batch) that fit. data.source is not "
+                    "needed.",
+        epilog="examples:\n  qgl plan pretrain/llama_7b --gpu-mem 16GiB\n"
+               "  qgl plan pretrain/llama_1b data.batch_size=8 qgalore.offload=cpu")
+    plan.add_argument("args", nargs="*", metavar="RECIPE|key=value",
+                      help="an optional recipe (path or bundled name) first, then key=value overrides")
+    plan.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory budget, e.g. 16GiB, 80GB, 12000MiB")
     return parser
 
 
@@ -150,18 +163,50 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     return 0
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of '16GiB', '16G' (binary), '80GB' (decimal), '12000MiB', '1e9'; ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"--gpu-mem {text!r}: expected a size such as 16GiB, 80GB or 12000MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:
+    """Print the recipe's memory plan (and, with a budget, what fits); exit 2 on a bad recipe or size."""
+    from qgl.plan import PlanError, plan_memory
+
+    recipe, overrides = _split(args)
+    try:
+        budget = None if gpu_mem is None else parse_size(gpu_mem)
+        # The plan does not read the data: a recipe's required data.source need not be given.
+        plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]))
+    except (RecipeError, PlanError, ValueError) as e:
+        print(f"qgl: error: {e}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    print(plan.table())
+    if budget is not None:
+        print(plan.fit_table(budget))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qgl` console script and `python -m qgl`; returns the exit code."""
     parser = build_parser()
     try:
         # Known-args parsing lets options and overrides mix: `qgl train tiny --dry-run seed=1`.
         ns, extra = parser.parse_known_args(argv)
-        if extra and (ns.command != "train" or any(a.startswith("-") for a in extra)):
+        if extra and (ns.command not in ("train", "plan") or any(a.startswith("-") for a in extra)):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, or an argparse usage error (code 2)
         return int(e.code or 0)
     if ns.command == "recipes":
         return cmd_recipes()
+    if ns.command == "plan":
+        return cmd_plan([*ns.args, *extra], ns.gpu_mem)
     return cmd_train([*ns.args, *extra], dry_run=ns.dry_run)
 
 

@@ -169,6 +169,30 @@ class GaLoreProjector:
             total += self._lead.numel() * self._lead.element_size()
         return total
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors held, by name: P's storage (`packed`/`scale`/`zero` if INT4, `proj` if fp32)
+        and the leading vector `lead`; empty before the first refresh (for moving them, offload)."""
+        out: dict[str, Tensor] = {}
+        if isinstance(self._p, Int4Tensor):
+            out.update(packed=self._p.packed, scale=self._p.scale, zero=self._p.zero)
+        elif self._p is not None:
+            out["proj"] = self._p
+        if self._lead is not None:
+            out["lead"] = self._lead
+        return out
+
+    def set_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Replace what `tensors()` returned by tensors of the same names, shapes and dtypes
+        (e.g. their copies on another device)."""
+        if "packed" in tensors:
+            shape, group = (self._p.shape, self._p.group_size) if self._p is not None else \
+                (self.basis_shape, self.group_size)
+            self._p = Int4Tensor(tensors["packed"], tensors["scale"], tensors["zero"], shape, group)
+        elif "proj" in tensors:
+            self._p = tensors["proj"]
+        if "lead" in tensors:
+            self._lead = tensors["lead"]
+
     # -- checkpointing --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

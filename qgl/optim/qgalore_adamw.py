@@ -25,6 +25,7 @@ from torch import Tensor
 
 from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, init_moments, moments_nbytes
 from qgl.optim.layerwise import LayerwiseDriver
+from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
 
@@ -64,6 +65,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             (global clipping needs every gradient at once, which layer-wise updates never hold).
         check_finite: raise `FloatingPointError` on a non-finite gradient (one device sync per
             step, none inside the per-parameter loop).
+        offload: keep every parameter's optimizer state (moments, P) in host memory between its
+            updates: True or "cpu" (pinned CPU memory, prefetched on a side stream,
+            `qgl.optim.offload.StateOffloader`), "paged" (bitsandbytes' unified-memory codes, CUDA
+            only), False (off). Updates are identical with and without it.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         layerwise: bool = False,
         layerwise_clip_norm: float | None = None,
         check_finite: bool = True,
+        offload: bool | str | None = False,
         **galore: Any,
     ):
         unknown = set(galore) - set(GALORE_DEFAULTS)
@@ -117,6 +123,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         }
         for group in self.param_groups:
             self._validate_group(group)
+        self.offloader = make_offloader(offload)
         self.layerwise = LayerwiseDriver(self, layerwise_clip_norm) if layerwise else None
         if layerwise_clip_norm is not None and not layerwise:
             raise ValueError(
@@ -181,6 +188,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def update_param(self, p: Tensor) -> None:
         """Apply one AdamW step to `p` from `p.grad` (does not free the gradient)."""
+        if self.offloader is None:
+            return self._update_param(p)
+        with self.offloader.resident(p, self.state[p]):
+            self._update_param(p)
+
+    def _update_param(self, p: Tensor) -> None:
         group = self._group_of[p]
         state = self.state[p]
         if not state:
@@ -221,6 +234,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             self.update_param(p)
             if self.layerwise is not None:
                 p.grad = None
+        if self.offloader is not None:
+            self.offloader.end_step()
         if self.layerwise is not None:
             self.layerwise.raise_if_nonfinite()
         return loss
@@ -255,7 +270,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         return stats
 
     def state_nbytes(self) -> dict[str, int]:
-        """Bytes held by the optimizer: Adam moments and projection matrices."""
+        """Bytes held by the optimizer: Adam moments and projection matrices. With `offload`, those
+        on the device; the ones in host (or unified) memory under `offloaded_moments|projections`."""
+        if self.offloader is not None:
+            return offloaded_nbytes(self.offloader, self.state.values())
         moments = projections = 0
         for state in self.state.values():
             moments += moments_nbytes(state)
@@ -266,6 +284,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict[str, Any]:
+        if self.offloader is not None:
+            self.offloader.synchronize()  # host copies of the last updates may still be in flight
         sd = super().state_dict()
         # super() shares the live per-parameter dicts: copy them before swapping projectors out.
         sd["state"] = {
@@ -292,12 +312,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         self.state.clear()
         for key, saved_state in state_dict["state"].items():
             p = id_to_param[key]
-            state = {k: _to_device(v, p.device) for k, v in saved_state.items() if k != "projector"}
+            # Offloaded states load straight into host memory: the device never holds them all.
+            device = torch.device("cpu") if getattr(self.offloader, "mode", None) == "cpu" else p.device
+            state = {k: _to_device(v, device) for k, v in saved_state.items() if k != "projector"}
             if "projector" in saved_state:
                 projector = self._new_projector(p, self._group_of[p])
-                projector.load_state_dict(_to_device(saved_state["projector"], p.device))
+                projector.load_state_dict(_to_device(saved_state["projector"], device))
                 state["projector"] = projector
             self.state[p] = state
+            if self.offloader is not None:
+                self.offloader.adopt(p, state)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -1,0 +1,163 @@
+"""The model's parameters as the optimizer sees them, and their bytes, from the config alone.
+
+`inventory` builds the model on the meta device (no memory), applies the same surgery and
+grouping as a run (`quantize_model`, `make_param_groups`) and lists every trainable parameter:
+its shape, whether its weight is stored INT8 (a QLinear gradient carrier), whether it is a linear
+weight (autocast casts it) and its GaLore rank. The byte functions below restate the storage
+formats of docs/internals.md; the tests check them against built tensors, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from qgl.models.llama import LlamaConfig, LlamaForCausalLM
+from qgl.optim.adam import MIN_8BIT_SIZE
+from qgl.plan.settings import PlanError, PlanSettings
+
+BLOCK_8BIT = 256
+"""Elements per absmax of the 8-bit optimizer state (bitsandbytes' blockwise format)."""
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One trainable parameter. `shape` is the weight's (a QLinear carrier has the weight's shape)."""
+
+    name: str
+    shape: tuple[int, ...]
+    int8: bool  # the weight lives in a QLinear's INT8 buffers
+    linear: bool  # the weight of a linear layer (its input and, under autocast, itself get cast)
+    rank: int | None  # GaLore rank; None: plain AdamW on the full gradient
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def low_shape(self) -> tuple[int, ...]:
+        """Shape of the gradient Adam sees: (m, r) if m >= n (P on the right), (r, n) otherwise."""
+        if self.rank is None:
+            return self.shape
+        m, n = self.shape
+        return (m, self.rank) if m >= n else (self.rank, n)
+
+    @property
+    def basis_shape(self) -> tuple[int, int]:
+        """Shape of P: (r, n) on the right, (m, r) on the left."""
+        m, n = self.shape
+        return (self.rank, n) if m >= n else (m, self.rank)
+
+    @property
+    def lead_numel(self) -> int:
+        """Length of the fp32 leading singular vector the projector keeps (n right, m left)."""
+        m, n = self.shape
+        return n if m >= n else m
+
+
+@dataclass(frozen=True)
+class Inventory:
+    params: tuple[ParamInfo, ...]
+    buffer_numel: int  # floating buffers other than QLinear's (the RoPE cache), in elements
+
+
+def inventory(config: LlamaConfig, s: PlanSettings) -> Inventory:
+    """Every trainable parameter of `LlamaForCausalLM(config)` after the run's surgery and grouping."""
+    from qgl.nn import quantize_model
+    from qgl.optim import make_param_groups
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(replace(config, activation_checkpointing=False))
+    buffer_numel = sum(b.numel() for b in model.buffers())
+    try:
+        if s.qgalore and s.quantize_weights:
+            quantize_model(model, target_modules=s.target_modules, exclude=s.exclude,
+                           group_size=s.group_size, symmetric=s.symmetric)
+        if s.qgalore:
+            groups = make_param_groups(model, s.rank, s.target_modules, s.exclude)
+        else:
+            groups = [dict(params=list(model.parameters()), names=[n for n, _ in model.named_parameters()],
+                           rank=None)]
+    except ValueError as e:
+        raise PlanError(str(e).splitlines()[0]) from e
+    linear = {f"{n}.weight" for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or hasattr(getattr(m, "weight", None), "_qgl_owner")}
+    params = tuple(
+        ParamInfo(name, tuple(p.shape), hasattr(p, "_qgl_owner"), name in linear, g["rank"])
+        for g in groups for p, name in zip(g["params"], g["names"], strict=True)
+    )
+    return Inventory(params, buffer_numel)
+
+
+# ---------------------------------------------------------------- formats (bytes)
+def int8_nbytes(numel: int, group_size: int = 256, symmetric: bool = True) -> int:
+    """INT8 weight: numel int8 codes + fp32 scale (and, asymmetric, fp32 zero) per group."""
+    return numel + 4 * math.ceil(numel / group_size) * (1 if symmetric else 2)
+
+
+def moments_nbytes(numel: int, bits: int = 8, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
+    """Two Adam moments (`qgl.optim.adam.init_moments`): fp32 (8 B an element) when 32-bit or
+    smaller than `min_8bit_size`; else uint8 codes + an fp32 absmax per 256 elements, each."""
+    if bits == 32 or numel < min_8bit_size:
+        return 8 * numel
+    return 2 * (numel + 4 * math.ceil(numel / BLOCK_8BIT))
+
+
+def projection_nbytes(p: ParamInfo, quantize: bool = True, group_size: int = 256) -> int:
+    """GaLore projector: P in INT4 (ceil(k/2) packed bytes + fp32 scale and zero per group of its
+    k elements) or fp32 (4k), plus the fp32 leading singular vector."""
+    k = math.prod(p.basis_shape)
+    stored = (k + 1) // 2 + 8 * math.ceil(k / group_size) if quantize else 4 * k
+    return stored + 4 * p.lead_numel
+
+
+def state_nbytes(p: ParamInfo, s: PlanSettings) -> tuple[int, int]:
+    """(moments, projection) bytes of one parameter's optimizer state."""
+    if not s.qgalore:  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+        return 2 * s.dtype_bytes[0] * p.numel, 0
+    moments = moments_nbytes(math.prod(p.low_shape), s.optim_bits, s.min_8bit_size)
+    return moments, (0 if p.rank is None else projection_nbytes(p, s.proj_quant, s.proj_group_size))
+
+
+def grad_nbytes(p: ParamInfo, s: PlanSettings) -> int:
+    """A parameter's gradient while it is created: the parameter's dtype, plus, under autocast, the
+    compute-dtype matmul result it is cast from (linear weights)."""
+    pb, cb, autocast = s.dtype_bytes
+    return p.numel * (pb + (cb if autocast and p.linear and cb != pb else 0))
+
+
+def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
+    """Peak temporaries of QGaLoreAdamW's update of `p` (bytes; CUDA path: Triton INT8 update in place).
+
+    copy = 4 numel if the gradient is not fp32 (`grad.float()`), else 0.
+    Plain: copy + Adam's + (2 numel for `update.to(bf16)` if the parameter is bf16).
+    Adam's (on N elements): fused 8-bit 4N (the fp32 zero "parameter" bitsandbytes writes the
+    direction into); 8-bit reference 16N (fp32 m and v, sqrt(v) and its scaled copy); fp32 moments
+    8N (sqrt(v) and its scaled copy, then denominator and direction).
+    GaLore (m x n, k = min(m, n), L = low-rank numel): max of the refresh and the update.
+    Refresh (full SVD): copy + 4 (2 m n + k^2): the input LAPACK/cuSOLVER overwrites, Vh (or U) and the
+    k x k factor; randomized: copy + 16 (r + 8)(m + n) (sketch, QR and power-iteration blocks).
+    Update: 4L (low) + Adam's on L + 8 m n (the projected-back update and its scaled copy), + copy
+    without INT4 P (`grad.float()` before the fp32 matmul).
+    """
+    pb = s.dtype_bytes[0]
+    n = p.numel
+    copy = 4 * n if pb != 4 else 0
+
+    def adam(numel: int) -> int:
+        if s.optim_bits == 32 or numel < s.min_8bit_size:
+            return 8 * numel
+        return 4 * numel if s.fused_8bit else 16 * numel
+
+    if p.rank is None:
+        return copy + adam(n) + (2 * n if pb != 4 else 0)
+    k = min(p.shape)
+    if s.svd_method == "full":
+        refresh = copy + 4 * (2 * n + k * k)
+    else:
+        refresh = copy + 16 * (p.rank + 8) * (p.shape[0] + p.shape[1])
+    low = math.prod(p.low_shape)
+    update = 4 * low + adam(low) + 8 * n + (0 if s.proj_quant else copy)
+    return max(refresh, update)

@@ -1,0 +1,210 @@
+"""The memory planner: exact against built tensors and the optimizer's state, against autograd's
+saved tensors for activations, against count_parameters for LLaMA-7B; fit(); the `qgl plan` command."""
+
+import json
+
+import pytest
+import torch
+
+from qgl.callbacks.memory import PARTS, measure
+from qgl.cli import main, parse_size
+from qgl.config import load_recipe
+from qgl.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, causal_lm_loss, count_parameters
+from qgl.nn import quantize_model
+from qgl.optim import QGaLoreAdamW, make_param_groups
+from qgl.plan import CUDA_CONTEXT_BYTES, PlanError, PlanSettings, plan_memory, predicted_parts
+from qgl.plan.activations import activation_bytes
+
+TINY = LLAMA_CONFIGS["tiny"]
+GIB = 2**30
+EXACT = ("int8_weights", "params", "buffers", "optimizer_moments", "projections")
+
+SETTINGS = [
+    PlanSettings(precision="32-true", rank=16),
+    # bf16 parameters, asymmetric INT8, fp32 P, a group size that divides nothing, smaller 8-bit floor
+    PlanSettings(precision="bf16-true", rank=16, symmetric=False, group_size=100, proj_quant=False,
+                 min_8bit_size=1024),
+    PlanSettings(precision="32-true", rank=8, optim_bits=32, proj_group_size=100, layerwise=False),
+]
+
+
+def _built(s: PlanSettings, offload=None, steps: int = 1):
+    """The tiny model and its optimizer as a run builds them, after `steps` steps."""
+    torch.manual_seed(0)
+    model = quantize_model(LlamaForCausalLM(TINY), s.target_modules, s.exclude, s.group_size, s.symmetric)
+    if s.precision == "bf16-true":
+        model = model.bfloat16()
+    groups = make_param_groups(model, s.rank, s.target_modules, s.exclude, proj_quant=s.proj_quant,
+                               proj_group_size=s.proj_group_size, update_proj_gap=2)
+    opt = QGaLoreAdamW(groups, lr=1e-3, optim_bits=s.optim_bits, min_8bit_size=s.min_8bit_size,
+                       layerwise=s.layerwise, offload=offload)
+    for _ in range(steps):
+        x = torch.randint(0, TINY.vocab_size, (2, 16))
+        model(x, labels=x).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=["fp32", "bf16-asym-fp32P", "32bit-moments"])
+def test_weights_and_optimizer_state_are_exact(s, one_thread):
+    model, opt = _built(s)
+    measured = measure(model, [opt], peak=0)
+    plan = plan_memory(TINY, s)
+    assert {k: plan.parts[k] for k in EXACT} == {k: measured[k] for k in EXACT}
+    assert opt.state_nbytes() == {"moments": plan.parts["optimizer_moments"],
+                                  "projections": plan.parts["projections"]}
+    monitor = plan.monitor_parts()
+    assert set(monitor) == {"peak", *PARTS} and monitor["peak"] == plan.total
+    assert sum(monitor[p] for p in PARTS) == plan.total
+
+
+def test_offloaded_state_is_the_plans_host_part(one_thread):
+    s = SETTINGS[0].replace(offload="cpu")
+    _, opt = _built(s, offload="cpu", steps=2)
+    plan = plan_memory(TINY, s)
+    nbytes = opt.state_nbytes()
+    assert nbytes["offloaded_moments"] == plan.host["optimizer_moments"]
+    assert nbytes["offloaded_projections"] == plan.host["projections"]
+    assert nbytes["moments"] == nbytes["projections"] == 0  # nothing stays on the device between updates
+    full = plan_memory(TINY, s.replace(offload=None))
+    assert plan.parts["optimizer_moments"] < full.parts["optimizer_moments"] and plan.total < full.total
+
+
+def _saved_bytes(model, input_ids, labels, autocast: bool) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        causal_lm_loss(model(input_ids), labels)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true"])
+def test_activation_formula_is_what_autograd_saves(precision, one_thread):
+    """The per-token block formula, the head and the saved log-probs (4 V of the loss's 12 V) equal the
+    tensors autograd keeps (CPU flash attention saves what CUDA's does: q, k, v, out, lse)."""
+    s = PlanSettings(precision=precision, batch_size=2, seq_len=64, rank=16)
+    torch.manual_seed(0)
+    model = quantize_model(LlamaForCausalLM(TINY))
+    if precision == "bf16-true":
+        model = model.bfloat16()
+    ids, labels = (torch.randint(0, TINY.vocab_size, (2, 64)) for _ in range(2))
+    measured = _saved_bytes(model, ids, labels, autocast=precision == "bf16-mixed")
+    plan = plan_memory(TINY, s)
+    act = activation_bytes(TINY, s)
+    tokens = s.batch_size * s.seq_len
+    assert plan.parts["activations"] == act.blocks + act.head + act.norm_copies
+    predicted = plan.parts["activations"] + 4 * TINY.vocab_size * tokens + plan.parts["weight_copies"]
+    assert 0 <= measured - predicted <= 8, (measured, predicted)  # + the loss's 4-byte total weight
+
+
+def test_checkpointing_keeps_block_inputs_and_one_block():
+    s = PlanSettings(batch_size=4, seq_len=256, precision="bf16-mixed")
+    full, ckpt = activation_bytes(LLAMA_CONFIGS["1b"], s), activation_bytes(LLAMA_CONFIGS["1b"], s.replace(
+        checkpointing=True))
+    h, layers, tokens = 2048, 24, 4 * 256
+    assert ckpt.blocks == (layers * 4 * h) * tokens + full.blocks // layers
+    assert ckpt.head == full.head and ckpt.logits == full.logits == 12 * 32000 * tokens
+
+
+def test_llama7b_on_meta_matches_count_parameters():
+    cfg = LLAMA_CONFIGS["7b"]
+    h, i, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    plan = plan_memory("7b", rank=1024, precision="bf16-mixed")
+    n_linear = layers * (4 * h * h + 3 * h * i)  # every matrix is a multiple of the group of 256
+    assert plan.parts["int8_weights"] == n_linear + 4 * n_linear // 256
+    assert plan.parts["params"] == 4 * (count_parameters(cfg) - n_linear) + 4 * 7 * layers  # + carriers
+    eight_bit = lambda n: 2 * (n + 4 * -(-n // 256))  # noqa: E731
+    low = [h * 1024] * 4 + [i * 1024] * 3  # q k v o: (h, r); gate up: (i, r); down: (r, i)
+    expected = 2 * eight_bit(vocab * h) + (2 * layers + 1) * eight_bit(h) + layers * sum(map(eight_bit, low))
+    assert plan.parts["optimizer_moments"] == expected
+    assert plan.parts["weight_copies"] == 2 * vocab * h  # lm_head's bf16 copy under autocast
+    assert plan.parts["buffers"] == 4 * 2 * cfg.max_seq_len * cfg.head_dim
+
+
+def test_accumulation_and_non_layerwise_hold_full_gradients():
+    one = plan_memory("350m", layerwise=True)
+    accumulated, plain = plan_memory("350m", accumulate=4), plan_memory("350m", layerwise=False)
+    assert one.parts["gradients"] < accumulated.parts["gradients"] == plain.parts["gradients"]
+    assert accumulated.notes and "full gradient" in accumulated.notes[0]
+    assert set(plain.phases) == {"loss", "backward", "step"}
+
+
+def test_fit_prefers_plain_settings_and_falls_back_to_checkpointing_and_offload():
+    plan = plan_memory("1b", batch_size=16, seq_len=256, rank=512)
+    roomy = plan.fit(80 * GIB)
+    best = roomy[0].settings
+    assert (best.offload, best.checkpointing, best.batch_size, best.accumulate) == (None, False, 16, 1)
+    tight_budget = plan_memory("1b", batch_size=16, seq_len=256, rank=512, checkpointing=True,
+                               offload="cpu", accumulate=1).total + CUDA_CONTEXT_BYTES
+    tight = plan.fit(tight_budget)
+    assert tight and all(f.total + CUDA_CONTEXT_BYTES <= tight_budget for f in tight)
+    assert all(f.settings.batch_size * f.settings.accumulate == 16 for f in tight)
+    assert all(f.settings.checkpointing or f.settings.offload for f in tight)
+    assert tight[0].settings.offload is None or tight[0].settings.checkpointing
+    assert plan.fit(GIB) == [] and "none: the smallest needs" in plan.fit_table(GIB)
+
+
+def test_settings_from_recipe_and_errors():
+    cfg = load_recipe("pretrain/llama_7b", ["data.source=x", "qgalore.offload=cpu"])
+    s = PlanSettings.from_recipe(cfg)
+    assert (s.rank, s.batch_size, s.accumulate, s.checkpointing, s.offload) == (1024, 16, 32, True, "cpu")
+    assert predicted_parts(load_recipe("tiny"))["peak"] > 0
+    galore = PlanSettings.from_recipe(load_recipe("tiny", ["method=galore"]))
+    assert galore.qgalore and not galore.quantize_weights and not galore.proj_quant
+    assert PlanSettings.from_recipe(load_recipe("tiny", ["method=full"])).optimizer == "adamw"
+    assert predicted_parts(load_recipe("tiny", ["method=lora"])) is None  # not plannable (yet): no prediction
+    with pytest.raises(PlanError, match="precision"):
+        PlanSettings(precision="fp8")
+    with pytest.raises(PlanError, match="unknown LLaMA config"):
+        plan_memory("13b")
+    with pytest.raises(PlanError, match="target_modules"):
+        plan_memory("tiny", target_modules=("nothing",))
+
+
+def test_cli_plan_prints_the_table_and_what_fits(capsys):
+    assert main(["plan", "pretrain/llama_7b", "--gpu-mem", "16GiB", "trainer.accumulate_grad_batches=1",
+                 "data.batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: LLaMA-7b" in out and "total (peak)" in out and "int8_weights" in out
+    assert "settings that fit 16.00 GiB" in out and "offload cpu" in out
+    assert main(["plan", "tiny", "method=adamw"]) == 0 and "torch AdamW" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "tiny", "--gpu-mem", "lots"], "--gpu-mem 'lots'"),
+    (["plan", "tiny", "qgalore.rnk=3"], "unknown key 'qgalore.rnk'"),
+    (["plan", "finetune/llama_hf_local"], "missing required value for key 'model.hf_path'"),
+    (["plan", "tiny", "model.hf_path=/nonexistent"], "cannot read the model's config"),
+    (["plan", "tiny", "qgalore.offload=gpu"], "qgalore.offload"),
+])
+def test_cli_plan_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("qgl: error: ")
+
+
+def test_cli_plan_reads_a_local_hf_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=2,
+        num_attention_heads=16)))
+    assert main(["plan", "finetune/llama_hf_local", f"model.hf_path={tmp_path}"]) == 0
+    assert "LLaMA shape of its config.json" in capsys.readouterr().out
+
+
+def test_parse_size():
+    assert parse_size("16GiB") == parse_size("16g") == 16 * GIB
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("12000MiB") == 12000 * 2**20
+    assert parse_size("1e9") == 10**9
+    for bad in ("", "-1G", "16XB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
