@@ -21,7 +21,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-METHODS = ("qgalore", "adamw")  # more arrive with later issues
+# qgl.callbacks.methods holds what each does; "adamw" is the former name of "full" (kept as an alias).
+METHODS = ("full", "adamw8bit", "lora", "qlora", "galore", "qgalore", "adamw")
 WANDB_MODES = (None, "online", "offline", "disabled")
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true",
               "64")
@@ -77,6 +78,18 @@ class QGaLoreConfig:
     min_8bit_size: int = _f(4096, "tensors smaller than this keep 32-bit moments")
     layerwise: bool = _f(True, "update each layer during backward (no full gradient in memory)")
     layerwise_clip_norm: float | None = _f(None, "per-layer gradient clipping when layerwise")
+    offload: str | None = _f(None, "optimizer states in host memory between layer updates: null (off), "
+                             "cpu (pinned, prefetched), paged (bitsandbytes unified memory, CUDA)")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = _f(16, "rank of the LoRA adapters (methods lora, qlora)")
+    alpha: float = _f(32.0, "LoRA scale numerator: the update is alpha / r * B A x")
+    dropout: float = _f(0.0, "dropout on the adapters' input")
+    target_modules: list[str] = _f(["attn", "mlp"], "name patterns of the Linear layers that get adapters")
+    exclude: list[str] = _f(["lm_head"], "name patterns left without adapters")
+    trainable: list[str] = _f([], "name patterns of other parameters left trainable (default: all frozen)")
 
 
 @dataclass
@@ -121,8 +134,9 @@ class CheckpointConfig:
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: str = _f("qgalore", "training method: " + ", ".join(METHODS))
+    method: str = _f("qgalore", "training method: full (adamw), adamw8bit, lora, qlora, galore, qgalore")
     qgalore: QGaLoreConfig = field(default_factory=QGaLoreConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -290,19 +304,23 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
         from qgl.models.llama import LLAMA_CONFIGS
 
         _check_choice(cfg.model.name, tuple(LLAMA_CONFIGS), "model.name", where)
-    if cfg.method == "qgalore":
+    if cfg.method in ("qgalore", "galore"):
         _check_qgalore(cfg, where)
+        _check_choice(cfg.qgalore.offload, (None, "cpu", "paged"), "qgalore.offload", where)
     if len(cfg.optim.betas) != 2:
         raise RecipeError(f"{where}: key 'optim.betas': expected 2 values, got {cfg.optim.betas}",
                           file=where, key="optim.betas")
     positive = {"trainer.max_steps": cfg.trainer.max_steps, "data.block_size": cfg.data.block_size,
                 "data.batch_size": cfg.data.batch_size, "qgalore.rank": cfg.qgalore.rank,
-                "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+                "lora.r": cfg.lora.r, "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
                 "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
                 "trainer.val_check_interval": cfg.trainer.val_check_interval}
     for key, value in positive.items():
         if value is not None and value < 1:
             raise RecipeError(f"{where}: key '{key}': must be >= 1, got {value}", file=where, key=key)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise RecipeError(f"{where}: key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}",
+                          file=where, key="lora.dropout")
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:

@@ -1,7 +1,8 @@
 """`run(cfg)`: one training run from a resolved recipe (what `qgl train` calls).
 
 It wires the parts together and holds no training logic: `TextDataModule`, `CausalLMModule`,
-`QGaLoreCallback` (method "qgalore", which adds its `SubspaceMonitor`), `MemoryMonitor`, a rich
+the callbacks of `cfg.method` (`qgl.callbacks.method_callbacks`: none for "full", `QGaLoreCallback`
+with its `SubspaceMonitor` for "qgalore" and "galore", LoRA, 8-bit AdamW), `MemoryMonitor`, a rich
 progress bar, `AtomicModelCheckpoint`, the W&B (offline unless a key is configured) or CSV logger,
 and a `Trainer` from `cfg.trainer`; then it fits and prints a summary, which it also returns.
 """
@@ -12,6 +13,7 @@ import math
 import netrc
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -148,14 +150,14 @@ def _module(cfg: RecipeConfig, tokenizer_vocab: int) -> L.LightningModule:
                           vocab_size=_vocab_size(cfg, tokenizer_vocab))
 
 
-def _callbacks(cfg: RecipeConfig) -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
-    from qgl.callbacks import MemoryMonitor, QGaLoreCallback
+def _callbacks(cfg: RecipeConfig,
+               extra: Sequence[Callback] = ()) -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
+    from qgl.callbacks import MemoryMonitor, method_callbacks
+    from qgl.plan import predicted_parts
 
-    callbacks: list[Callback] = []
-    if cfg.method == "qgalore":
-        q = OmegaConf.to_container(OmegaConf.structured(cfg.qgalore))
-        callbacks.append(QGaLoreCallback(**q, seed=cfg.seed, subspace_monitor=True))
-    memory, stats = MemoryMonitor(print_table=False), RunStats()
+    section = lambda c: OmegaConf.to_container(OmegaConf.structured(c))
+    callbacks = [*method_callbacks(cfg.method, section(cfg.qgalore), section(cfg.lora), cfg.seed), *extra]
+    memory, stats = MemoryMonitor(print_table=False, predicted=predicted_parts(cfg)), RunStats()
     c = cfg.checkpoint
     ckpt = AtomicModelCheckpoint(dirpath=c.dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=c.every_n_steps or None, save_last=c.save_last,
@@ -176,13 +178,14 @@ def _trainer(cfg: RecipeConfig, callbacks: list[Callback], logger: Logger) -> L.
 
 
 # ---------------------------------------------------------------- run
-def run(cfg: RecipeConfig) -> dict[str, Any]:
-    """Train `cfg` and return the summary numbers (also printed as a table)."""
+def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train `cfg` and return the summary numbers (also printed as a table). `extra_callbacks` join
+    the method's (`qgl.callbacks.method_callbacks`), before the monitors."""
     console = Console()
     L.seed_everything(cfg.seed, workers=True)
     dm = _data_module(cfg)
     module = _module(cfg, dm.vocab_size)
-    callbacks, ckpt, stats, memory = _callbacks(cfg)
+    callbacks, ckpt, stats, memory = _callbacks(cfg, extra_callbacks)
     logger, run_dir = build_logger(cfg)
     console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
     if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
@@ -222,7 +225,7 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_steps": len(tail),
         "val_loss": val_loss, "val_ppl": val_ppl,
         "tokens_per_sec": stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
-        "peak_memory_bytes": mem.get("peak"),
+        "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
         "svd_total": subspace.get("svd_total"), "galore_svds": subspace.get("galore_svds"),
@@ -252,6 +255,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     peak = s["peak_memory_bytes"]
     table.add_row(f"peak memory ({kind})",
                   f"{_fmt(peak and peak / _MIB, ',.1f')} MiB" + (f" ({parts})" if parts else ""))
+    if s.get("predicted_peak_bytes"):
+        table.add_row("predicted GPU peak (qgl plan)", f"{s['predicted_peak_bytes'] / _MIB:,.1f} MiB")
     if s["svd_total"] is not None:
         saved = 100 * (s["svd_saved_frac"] or 0)
         table.add_row("SVDs run / GaLore schedule",

@@ -1,0 +1,195 @@
+"""Methods side by side: every training method of a recipe for N steps, one table.
+
+    python benchmarks/methods.py pretrain/llama_60m data.source=/data/c4 --steps 200            # GPU
+    python benchmarks/methods.py --device cpu --steps 3 data.batch_size=2                     # smoke test
+    python benchmarks/methods.py --methods full,qgalore,q-galore-torch trainer.precision=bf16-mixed
+
+Each method is one `qgl.lightning.run.run` of the same recipe (same model init, data order, seed,
+LR schedule, logging and `MemoryMonitor` accounting) with `method=<m>`, `trainer.max_steps=N`, no
+checkpoints, a CSV logger and validation once at the end; key=value overrides apply to all.
+The public packages `galore-torch` (GaLoreAdamW8bit) and `q-galore-torch` (QGaLoreAdamW8bit)
+run, when installed (`pip install qgl[bench]`), as method "full" with their optimizer in place of
+the module's (`benchmarks/_public_adapters.py`: bitsandbytes 0.50 argument adapters, no change of
+their math; q-galore-torch on float weights, its INT8 linear is not in its wheel), layer-wise when
+the recipe's `qgalore.layerwise` is (as qgl's galore/qgalore), with the recipe's rank, gap and scale.
+
+Columns: peak memory (CUDA: `max_memory_allocated`, the highest step; CPU: the process's peak RSS,
+which only grows over the runs of one process, so rows after the first are upper bounds);
+weights + optimizer states (bytes of parameters, INT8 weights, moments and projections, comparable
+on any device); training tokens/s; mean training loss of the last 10 steps; validation loss and
+perplexity at the end; SVDs run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks._public_adapters`
+
+from benchmarks._public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
+from qgl.callbacks.methods import METHODS  # noqa: E402
+from qgl.config import load_recipe  # noqa: E402
+
+ALL = (*METHODS, *PACKAGES)
+_MIB = 2**20
+
+
+def _notes(method: str, cfg: Any, device: str) -> str:
+    q, lo = cfg.qgalore, cfg.lora
+    layerwise = "layer-wise" if q.layerwise else "not layer-wise"
+    galore = f"rank {q.rank}, gap {q.update_proj_gap}, scale {q.scale}, {layerwise}"
+    return {
+        "full": "torch AdamW, fp32 master weights",
+        "adamw8bit": "bitsandbytes AdamW8bit",
+        "lora": f"r {lo.r}, alpha {lo.alpha:g}, bf16 base frozen, torch AdamW on the adapters",
+        "qlora": f"r {lo.r}, alpha {lo.alpha:g}, NF4 base (bnb Linear4bit), "
+                 + ("paged AdamW8bit (its paged states, unified memory, are not in max_memory_allocated)"
+                    if device == "cuda" else "AdamW8bit (no paging off CUDA)"),
+        "galore": f"qgl: float weights, fp32 projections, fixed gap, 8-bit moments; {galore}",
+        "qgalore": f"qgl: INT8 weights, INT4 projections, adaptive gap, 8-bit moments; {galore}",
+        "galore-torch": f"galore-torch 1.0 GaLoreAdamW8bit via the bnb-0.50 adapter; {galore}",
+        "q-galore-torch": "q-galore-torch 1.0 QGaLoreAdamW8bit via the bnb-0.50 adapter, on float weights "
+                          f"(its INT8 linear is not in the wheel); {galore}",
+    }[method]
+
+
+def _overrides(method: str, steps: int, device: str, work: Path) -> list[str]:
+    return [f"method={'full' if method in PACKAGES else method}", f"trainer.max_steps={steps}",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
+            "trainer.val_check_interval=null", "logger.wandb=false", f"logger.save_dir={work / 'runs'}",
+            f"logger.name={method}", f"checkpoint.dir={work / 'checkpoints' / method}",
+            "checkpoint.every_n_steps=null", "checkpoint.save_last=false"]
+
+
+def run_method(recipe: str | None, overrides: list[str], method: str, steps: int, device: str, work: Path,
+               verbose: bool = False) -> dict[str, Any]:
+    """One row: train `method` for `steps` steps and return its numbers (or why it did not run)."""
+    from qgl.lightning.run import run
+
+    cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work)])
+    row: dict[str, Any] = {"method": method, "notes": _notes(method, cfg, device)}
+    if method in PACKAGES and not available(method):
+        return {**row, "error": f"not installed (pip install {method}==1.0)"}
+    extra = [PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore))] if method in PACKAGES else []
+    log = work / f"{method}.log"
+    try:
+        with open(log, "w") as f, contextlib.ExitStack() as stack:
+            if not verbose:
+                stack.enter_context(contextlib.redirect_stdout(f))
+                stack.enter_context(contextlib.redirect_stderr(f))
+            summary = run(cfg, extra)
+    except Exception as err:  # one method failing must not hide the others' numbers
+        with open(log, "a") as f:
+            traceback.print_exc(file=f)
+        return {**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                                f"(log: {log})"}
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    parts = summary["memory_parts"]
+    svds = summary["svd_total"]
+    if extra:
+        svds = extra[0].optimizer.svd_count()
+    return {**row, "steps": summary["steps"], "peak_mib": (summary["peak_memory_bytes"] or 0) / _MIB,
+            "memory_kind": summary["memory_kind"],
+            "states_mib": sum(parts.get(k, 0) for k in ("int8_weights", "params", "optimizer_moments",
+                                                         "projections")) / _MIB,
+            "tokens_per_s": summary["tokens_per_sec"], "train_loss": summary["train_loss"],
+            "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as one Markdown table."""
+    lines = ["| method | peak MiB | weights + states MiB | tokens/s | train loss | val loss | val ppl | SVDs "
+             "| notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | did not run: {r['error']}; "
+                         f"{r['notes']} |")
+            continue
+        kind = "" if r["memory_kind"] == "cuda" else " (RSS)"
+        lines.append(f"| {r['method']} | {r['peak_mib']:,.1f}{kind} | {r['states_mib']:,.2f} | "
+                     f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['train_loss'], '.4f')} | "
+                     f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_ppl'], ',.2f')} | {r['svds']} | "
+                     f"{r['notes']} |")
+    return "\n".join(lines)
+
+
+def header(recipe: str | None, overrides: list[str], steps: int, device: str) -> str:
+    import bitsandbytes
+    import lightning
+
+    cfg = load_recipe(recipe, overrides)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    memory = ("peak = torch.cuda.max_memory_allocated of the highest step" if device == "cuda" else
+              "peak = process peak RSS, cumulative over the runs of this process (upper bounds after the "
+              "first row): a smoke test, not a measurement")
+    return (f"{where}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, lightning "
+            f"{lightning.__version__}, {datetime.date.today()}; recipe {recipe or 'tiny'} "
+            f"{' '.join(overrides)}; model {cfg.model.hf_path or cfg.model.name}, batch "
+            f"{cfg.data.batch_size} x {cfg.data.block_size} tokens x {cfg.trainer.accumulate_grad_batches} "
+            "accumulated, precision "
+            f"{cfg.trainer.precision}, {steps} steps, seed {cfg.seed}; {memory}")
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {','.join(ALL)}")
+    return methods
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", metavar="RECIPE|key=value",
+                    help="a recipe (path or bundled name; default tiny) first, then overrides for every run")
+    ap.add_argument("--methods", default=",".join(ALL), type=_methods,
+                    help=f"comma-separated methods to run (default: all): {','.join(ALL)}")
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps per method")
+    ap.add_argument("--device", choices=("cuda", "cpu"),
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the run logs and results.json "
+                    "(default: a temporary folder)")
+    ap.add_argument("--verbose", action="store_true", help="show each run's output instead of logging it")
+    ns = ap.parse_args(argv)
+    recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    overrides = ns.args[1:] if recipe is not None else ns.args
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here (use --device cpu for a smoke test)")
+    work = ns.out or Path(tempfile.mkdtemp(prefix="qgl_methods_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in ns.methods:
+        print(f"[methods] {method} ...", file=sys.stderr, flush=True)
+        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), ns.verbose))
+    print()
+    print(header(recipe, overrides, ns.steps, ns.device))
+    print()
+    print(table(rows))
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nlogs and results.json: {work}")
+    failed = [r["method"] for r in rows if "error" in r and not r["error"].startswith("not installed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
