@@ -109,3 +109,15 @@ def dequantize_groups_(
         if buf is not o:
             o.copy_(buf)
     return out
+
+
+def check_side(side: str) -> None:
+    """A projection side: "right" (P is (r, n)) or "left" (P is (m, r))."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+
+
+def check_2d(name: str, t: Tensor) -> None:
+    check_floating(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")

@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from ._groups import (
+    check_2d,
     check_dtype,
     check_float_dtype,
     check_floating,
     check_group_size,
+    check_side,
     check_stats,
     dequantize_groups_,
     group_views,
@@ -35,7 +37,6 @@ __all__ = [
     "int4_project_back_ref",
 ]
 
-_SIDES = ("right", "left")
 
 
 def pack_int4_ref(q: Tensor) -> Tensor:
@@ -137,17 +138,6 @@ def _dequantize_p(packed, scale, zero, p_shape, group_size) -> Tensor:
     return dequantize_int4_ref(packed, scale, zero, dims, group_size, torch.float32)
 
 
-def _check_side(side: str) -> None:
-    if side not in _SIDES:
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-
-
-def _check_2d(name: str, t: Tensor) -> None:
-    check_floating(name, t)
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-
-
 def int4_project_ref(
     g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
 ) -> Tensor:
@@ -156,8 +146,8 @@ def int4_project_ref(
     ``side="right"``: P is ``(r, n)``, returns ``g @ P^T`` of shape ``(m, r)``.
     ``side="left"``: P is ``(m, r)``, returns ``P^T @ g`` of shape ``(r, n)``.
     """
-    _check_side(side)
-    _check_2d("g", g)
+    check_side(side)
+    check_2d("g", g)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
     g32 = g.to(torch.float32)
     if side == "right":
@@ -184,8 +174,8 @@ def int4_project_back_ref(
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
-    _check_side(side)
-    _check_2d("low", low)
+    check_side(side)
+    check_2d("low", low)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
     low32 = low.to(torch.float32)
     if side == "right":

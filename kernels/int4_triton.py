@@ -37,7 +37,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._groups import check_dtype, check_float_dtype, check_floating, check_group_size, check_stats, n_groups
+from ._groups import (
+    check_2d,
+    check_dtype,
+    check_float_dtype,
+    check_floating,
+    check_group_size,
+    check_side,
+    check_stats,
+    n_groups,
+)
 from .int4_ref import quantize_int4_ref
 from .int8_triton import MAX_TILE_GROUP, _rint, check_device, check_numel, group_tiling, interpreting
 from .w8a16_triton import MIN_KERNEL_GROUP, _group_scales, _swizzle
@@ -289,17 +298,6 @@ def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: in
     return out
 
 
-def _check_side(side: str) -> None:
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-
-
-def _check_2d(name: str, t: Tensor) -> None:
-    check_floating(name, t)
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-
-
 def int4_project_triton(
     g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
 ) -> Tensor:
@@ -309,8 +307,8 @@ def int4_project_triton(
     returns ``P^T @ g`` ``(r, n)``.
     """
     check_group_size(group_size)
-    _check_side(side)
-    _check_2d("g", g)
+    check_side(side)
+    check_2d("g", g)
     pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
     check_device(g, packed, scale, zero)
     check_numel(g.numel())
@@ -339,8 +337,8 @@ def int4_project_back_triton(
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
     check_group_size(group_size)
-    _check_side(side)
-    _check_2d("low", low)
+    check_side(side)
+    check_2d("low", low)
     pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
     check_device(low, packed, scale, zero)
     check_numel(low.numel())
