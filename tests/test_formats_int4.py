@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from _tensors import nonzero_randn, per_element
 
 import qgl.kernels as K
 from qgl.kernels.int4_ref import (
@@ -18,16 +19,6 @@ from qgl.quant import Int4Tensor
 
 SHAPES = [(3, 5), (7, 300), (257, 129), (1, 1), (1000,)]
 GROUPS = [32, 64, 256, 100]
-
-
-def nonzero_randn(*shape, dtype=torch.float32):
-    x = torch.randn(*shape)
-    return torch.where(x >= 0, x + 0.05, x - 0.05).to(dtype)
-
-
-def per_element(stat, group_size, shape):
-    numel = torch.Size(shape).numel()
-    return stat.repeat_interleave(group_size)[:numel].view(shape)
 
 
 @pytest.mark.parametrize("group_size", GROUPS)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _tensors import nonzero_randn, per_element
 
 import qgl.kernels as K
 from qgl.kernels import _dispatch
@@ -20,16 +21,6 @@ from qgl.quant import Int8Tensor
 
 SHAPES = [(3, 5), (7, 300), (257, 129), (1, 1), (1000,)]
 GROUPS = [32, 64, 256, 100]
-
-
-def nonzero_randn(*shape, dtype=torch.float32):
-    x = torch.randn(*shape)
-    return torch.where(x >= 0, x + 0.05, x - 0.05).to(dtype)
-
-
-def per_element(stat, group_size, shape):
-    numel = torch.Size(shape).numel()
-    return stat.repeat_interleave(group_size)[:numel].view(shape)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
