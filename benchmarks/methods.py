@@ -37,9 +37,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks._public_adapters`
+# Only this folder, for `_public_adapters`: the repository root would make our top-level kernels/
+# shadow the `kernels` package that bitsandbytes tries to import.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks._public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
+from _public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
+
 from qgl.callbacks.methods import METHODS  # noqa: E402
 from qgl.config import load_recipe  # noqa: E402
 

@@ -238,8 +238,8 @@ def test_methods_benchmark_smoke_on_cpu(workdir, capsys):
 
 
 def _adapters():
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import _public_adapters
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _public_adapters
 
     return _public_adapters
 
