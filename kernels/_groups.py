@@ -121,3 +121,20 @@ def check_2d(name: str, t: Tensor) -> None:
     check_floating(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def check_projection(side: str, x: Tensor, p_shape: tuple[int, int], back: bool) -> None:
+    """Shapes of a projection through P: forward takes ``g (m, n)`` (right: P ``(r, n)``; left:
+    P ``(m, r)``), back takes ``low`` (right: ``(m, r)``; left: ``(r, n)``)."""
+    check_side(side)
+    name = "low" if back else "g"
+    check_2d(name, x)
+    pr, pc = p_shape
+    if back:
+        ok = x.shape[1] == pr if side == "right" else x.shape[0] == pc
+        need = "low (m, r) and P (r, n)" if side == "right" else "low (r, n) and P (m, r)"
+    else:
+        ok = x.shape[1] == pc if side == "right" else x.shape[0] == pr
+        need = "g (m, n) and P (r, n)" if side == "right" else "g (m, n) and P (m, r)"
+    if not ok:
+        raise ValueError(f"side={side!r} needs {need}, got {tuple(x.shape)}, {(pr, pc)}")

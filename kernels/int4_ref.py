@@ -16,12 +16,11 @@ import torch
 from torch import Tensor
 
 from ._groups import (
-    check_2d,
     check_dtype,
     check_float_dtype,
     check_floating,
     check_group_size,
-    check_side,
+    check_projection,
     check_stats,
     dequantize_groups_,
     group_views,
@@ -36,7 +35,6 @@ __all__ = [
     "int4_project_ref",
     "int4_project_back_ref",
 ]
-
 
 
 def pack_int4_ref(q: Tensor) -> Tensor:
@@ -146,19 +144,10 @@ def int4_project_ref(
     ``side="right"``: P is ``(r, n)``, returns ``g @ P^T`` of shape ``(m, r)``.
     ``side="left"``: P is ``(m, r)``, returns ``P^T @ g`` of shape ``(r, n)``.
     """
-    check_side(side)
-    check_2d("g", g)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
+    check_projection(side, g, tuple(p.shape), back=False)
     g32 = g.to(torch.float32)
-    if side == "right":
-        if g.shape[1] != p.shape[1]:
-            raise ValueError(
-                f"side='right' needs g (m, n) and P (r, n), got {tuple(g.shape)}, {tuple(p.shape)}"
-            )
-        return g32 @ p.T
-    if g.shape[0] != p.shape[0]:
-        raise ValueError(f"side='left' needs g (m, n) and P (m, r), got {tuple(g.shape)}, {tuple(p.shape)}")
-    return p.T @ g32
+    return g32 @ p.T if side == "right" else p.T @ g32
 
 
 def int4_project_back_ref(
@@ -174,18 +163,7 @@ def int4_project_back_ref(
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
-    check_side(side)
-    check_2d("low", low)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
+    check_projection(side, low, tuple(p.shape), back=True)
     low32 = low.to(torch.float32)
-    if side == "right":
-        if low.shape[1] != p.shape[0]:
-            raise ValueError(
-                f"side='right' needs low (m, r) and P (r, n), got {tuple(low.shape)}, {tuple(p.shape)}"
-            )
-        return low32 @ p
-    if low.shape[0] != p.shape[1]:
-        raise ValueError(
-            f"side='left' needs low (r, n) and P (m, r), got {tuple(low.shape)}, {tuple(p.shape)}"
-        )
-    return p @ low32
+    return low32 @ p if side == "right" else p @ low32

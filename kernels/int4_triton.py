@@ -38,12 +38,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._groups import (
-    check_2d,
     check_dtype,
     check_float_dtype,
     check_floating,
     check_group_size,
-    check_side,
+    check_projection,
     check_stats,
     n_groups,
 )
@@ -307,19 +306,15 @@ def int4_project_triton(
     returns ``P^T @ g`` ``(r, n)``.
     """
     check_group_size(group_size)
-    check_side(side)
-    check_2d("g", g)
+    check_floating("g", g)
     pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    check_projection(side, g, (pr, pc), back=False)
     check_device(g, packed, scale, zero)
     check_numel(g.numel())
     check_numel(pr * pc)
     m, n = g.shape
     if side == "right":
-        if n != pc:
-            raise ValueError(f"side='right' needs g (m, n) and P (r, n), got {tuple(g.shape)}, {(pr, pc)}")
         return _matmul(g, packed, scale, zero, pr, pc, group_size, m, pr, n, p_is_a=False, p_k_contig=True)
-    if m != pr:
-        raise ValueError(f"side='left' needs g (m, n) and P (m, r), got {tuple(g.shape)}, {(pr, pc)}")
     return _matmul(g, packed, scale, zero, pr, pc, group_size, pc, n, m, p_is_a=True, p_k_contig=False)
 
 
@@ -337,22 +332,16 @@ def int4_project_back_triton(
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
     check_group_size(group_size)
-    check_side(side)
-    check_2d("low", low)
+    check_floating("low", low)
     pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    check_projection(side, low, (pr, pc), back=True)
     check_device(low, packed, scale, zero)
     check_numel(low.numel())
     check_numel(pr * pc)
     if side == "right":
-        if low.shape[1] != pr:
-            raise ValueError(
-                f"side='right' needs low (m, r) and P (r, n), got {tuple(low.shape)}, {(pr, pc)}"
-            )
         m = low.shape[0]
         return _matmul(low, packed, scale, zero, pr, pc, group_size, m, pc, pr, p_is_a=False,
                        p_k_contig=False)  # fmt: skip
-    if low.shape[0] != pc:
-        raise ValueError(f"side='left' needs low (r, n) and P (m, r), got {tuple(low.shape)}, {(pr, pc)}")
     n = low.shape[1]
     return _matmul(low, packed, scale, zero, pr, pc, group_size, pr, n, pc, p_is_a=True, p_k_contig=True)
 
