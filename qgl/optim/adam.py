@@ -13,6 +13,11 @@ updating a parameter.
 On CUDA the update runs in bitsandbytes' fused kernel; elsewhere in `_direction_8bit_ref`,
 the same math in plain torch. As bitsandbytes does, tensors of fewer than `MIN_8BIT_SIZE`
 elements keep fp32 moments: quantizing them saves nothing and costs accuracy.
+
+`adam_step_` is the whole AdamW step of a plain (full-gradient) parameter, in place and over
+chunks of `PLAIN_CHUNK` elements, so that its fp32 temporaries (the gradient's fp32 copy, the
+direction, the fp32 moments of the reference, its cast to the parameter's dtype) are O(chunk)
+instead of O(numel): an embedding of 131M elements would otherwise need about 1.3 GB of them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from qgl.quant.blockwise8 import dequantize_blockwise, dynamic_map, quantize_blo
 MIN_8BIT_SIZE = 4096
 """Default size under which tensors keep fp32 moments (bitsandbytes' `min_8bit_size`)."""
 
+BLOCK_8BIT = 256
+"""Elements per absmax entry of the 8-bit moments (bitsandbytes' blockwise Adam kernels)."""
+PLAIN_CHUNK = 1 << 22
+"""Elements per chunk of `adam_step_` (16 MiB in fp32), a multiple of `BLOCK_8BIT`: a chunk's 8-bit
+moments are whole blocks, so the chunked step is bit-identical to one pass over the tensor."""
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                "exp_avg_sq_absmax")
 _QMAPS: dict[tuple[bool, torch.device], Tensor] = {}
 
 
@@ -49,7 +62,7 @@ def init_moments(
     if bits == 32 or numel < min_8bit_size:
         zeros = lambda: torch.zeros(shape, dtype=torch.float32, device=device)
         return {"exp_avg": zeros(), "exp_avg_sq": zeros()}
-    n_blocks = math.ceil(numel / 256)
+    n_blocks = math.ceil(numel / BLOCK_8BIT)
     codes = lambda: torch.zeros(shape, dtype=torch.uint8, device=device)
     absmax = lambda: torch.zeros(n_blocks, dtype=torch.float32, device=device)
     # Code 0 is not the value 0 in the dynamic map, but absmax 0 makes every value 0.
@@ -62,15 +75,7 @@ def init_moments(
 
 
 def moments_nbytes(state: dict[str, Tensor]) -> int:
-    keys = (
-        "exp_avg",
-        "exp_avg_sq",
-        "exp_avg_codes",
-        "exp_avg_absmax",
-        "exp_avg_sq_codes",
-        "exp_avg_sq_absmax",
-    )
-    return sum(state[k].numel() * state[k].element_size() for k in keys if k in state)
+    return sum(state[k].numel() * state[k].element_size() for k in _MOMENT_KEYS if k in state)
 
 
 def adam_direction(
@@ -85,6 +90,60 @@ def adam_direction(
     if grad.is_cuda and _bitsandbytes() is not None:
         return _direction_8bit_bnb(grad, state, beta1, beta2, eps, step)
     return _direction_8bit_ref(grad, state, beta1, beta2, eps, step)
+
+
+def adam_step_(
+    p: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> None:
+    """One AdamW step of `p` in place: ``p <- p * decay - lr * direction`` (`decay` = 1 - lr * wd).
+
+    `p`: floating, any shape; `grad`: `p`'s shape, any float dtype; `state`: `init_moments(p.shape)`
+    (updated in place); `step` counts from 1. The direction is fp32 and is cast to `p.dtype` before
+    it is subtracted, as two rounded in-place operations (decay, then the update). The work runs over
+    consecutive chunks of the flattened tensors, `PLAIN_CHUNK` elements each; every operation is
+    per element (per 256-element block for 8-bit moments), so the result is bit-identical to one
+    pass, with temporaries of O(`PLAIN_CHUNK`) elements. Non-contiguous `p` or `grad`: one pass.
+    """
+    if not (p.is_contiguous() and grad.is_contiguous()):
+        _apply(p, adam_direction(grad, state, beta1, beta2, eps, step), lr, decay)
+        return
+    flat_p, flat_g = p.view(-1), grad.view(-1)
+    numel = flat_p.numel()
+    size = BLOCK_8BIT * max(1, PLAIN_CHUNK // BLOCK_8BIT)
+    for start in range(0, numel, size):
+        stop = min(start + size, numel)
+        part = _state_slice(state, start, stop)
+        direction = adam_direction(flat_g[start:stop], part, beta1, beta2, eps, step)
+        _apply(flat_p[start:stop], direction, lr, decay)
+
+
+def _apply(p: Tensor, direction: Tensor, lr: float, decay: float) -> None:
+    if decay != 1.0:
+        p.mul_(decay)
+    p.add_(direction.to(p.dtype), alpha=-lr)
+
+
+def _state_slice(state: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    """Views of the moments of flat elements [start, stop) (`start` a multiple of `BLOCK_8BIT`):
+    fp32 moments or 8-bit codes sliced alike, absmax by block. A slice of a bitsandbytes paged
+    tensor is marked paged too (bitsandbytes' device check skips paged tensors)."""
+    blocks = slice(start // BLOCK_8BIT, math.ceil(stop / BLOCK_8BIT))
+    out = {}
+    for key in (k for k in _MOMENT_KEYS if k in state):
+        t = state[key]
+        out[key] = t[blocks] if key.endswith("_absmax") else t.view(-1)[start:stop]
+        if getattr(t, "is_paged", False):
+            out[key].is_paged = True
+            out[key].page_deviceid = t.page_deviceid
+    return out
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, init_moments, moments_nbytes
+from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, adam_step_, init_moments, moments_nbytes
 from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
@@ -207,6 +207,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             projector.maybe_refresh(grad, step - 1)
             low = projector.project(grad)
             update = projector.project_back(adam_direction(low, state, beta1, beta2, group["eps"], step))
+        elif getattr(p, "_qgl_owner", None) is None:  # plain: in place, in chunks (temporaries O(chunk))
+            lr = group["lr"]
+            adam_step_(p, grad, state, lr, 1.0 - lr * group["weight_decay"], beta1, beta2, group["eps"], step)
+            return
         else:
             update = adam_direction(grad, state, beta1, beta2, group["eps"], step)
         lr = group["lr"]
