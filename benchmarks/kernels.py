@@ -6,12 +6,13 @@ Prints one markdown table (device, torch/triton versions, date):
 
 - ceilings: a large bf16 cuBLAS matmul (TFLOP/s) and a large device-to-device copy (GB/s,
   bytes read + written);
-- W8A16 forward and grad-input vs a bf16 cuBLAS matmul of the same shape (goal: >= 0.8x its
+- W8A16 forward and grad-input, fused kernel and dense path (dequantize, then cuBLAS; "auto"
+  marks the one the dispatcher takes), vs a bf16 cuBLAS matmul of the same shape (goal: >= 0.8x its
   speed), for LLaMA-1B (hidden 2048, intermediate 5504: 5461 rounded up to a multiple of 128) and
   LLaMA-7B (4096, 11008) layer shapes, at M = 16 * 256 tokens (training) and M = 16 (decode);
 - fused INT8 update, INT8/INT4 quantize and dequantize in GB/s vs the copy (goal: >= 70%);
-- INT4 projections of a 4096 x 11008 gradient (and its transpose) at rank 256 and 1024 vs a bf16
-  matmul of the same shape (goal: within 1.5x).
+- INT4 projections of a 4096 x 11008 gradient (and its transpose) at rank 256 and 1024, fused
+  kernel and dense path, vs a bf16 matmul of the same shape (goal: within 1.5x).
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run), after
 one untimed call that also autotunes; decode-like (M = 16) matmuls are replayed from a CUDA graph
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 from pathlib import Path
@@ -127,16 +129,21 @@ def _w8a16_case(t: Table, model: str, n: int, k: int, m: int, peak: float) -> No
     x, dy = _rand(m, k), _rand(m, n)
     bench = _bench_graph if m <= 64 else (lambda fns: _bench(fns[0]))
     flop, shape, goal = 2 * m * n * k, f"{model} M={m} out={n} in={k}", ">= 0.8x cuBLAS bf16"
-    ours = [lambda q=q, s=s: wt.w8a16_linear_triton(x, q, s, None, 256) for q, s, _ in ws]
-    base = [lambda w=w: x @ w.T for _, _, w in ws]
-    ms, base_ms = bench(ours), bench(base)
-    t.add("w8a16", "w8a16 fwd", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak, goal,
-          base_ms / ms >= 0.8, _note(wt._fwd_tuned))  # fmt: skip
-    ours = [lambda q=q, s=s: wt.w8a16_grad_input_triton(dy, q, s, None, 256) for q, s, _ in ws]
-    base = [lambda w=w: dy @ w for _, _, w in ws]
-    ms, base_ms = bench(ours), bench(base)
-    t.add("w8a16", "w8a16 grad_input", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak, goal,
-          base_ms / ms >= 0.8, _note(wt._bwd_tuned))  # fmt: skip
+    auto = "dense" if m >= wt.dense_min_m() else "fused"
+    fwd = lambda q, s, path: wt.w8a16_linear_triton(x, q, s, None, 256, None, path)
+    grad_input = lambda q, s, path: wt.w8a16_grad_input_triton(dy, q, s, None, 256, path)
+    cases = [  # (name, ours for the INT8 weight (q, s), the cuBLAS baseline for its dequantized w, tuner)
+        ("fwd", fwd, lambda w: x @ w.T, wt._fwd_tuned),
+        ("grad_input", grad_input, lambda w: dy @ w, wt._bwd_tuned),
+    ]
+    for name, ours, base, tuned in cases:
+        base_ms = bench([functools.partial(base, w) for _, _, w in ws])
+        for path in ("fused", "dense"):
+            ms = bench([functools.partial(ours, q, s, path) for q, s, _ in ws])
+            tag = f"{path}, auto" if path == auto else path
+            note = _note(tuned) if path == "fused" else ""
+            t.add("w8a16", f"w8a16 {name} ({tag})", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak,
+                  goal, base_ms / ms >= 0.8, note)  # fmt: skip
 
 
 def bench_w8a16(t: Table, quick: bool, peak: float) -> None:
@@ -211,14 +218,18 @@ def _int4_case(t: Table, m: int, n: int, r: int, peak: float) -> None:
         proj_base, back_base = (lambda: g @ p16.T), (lambda: low16 @ p16)
     else:
         proj_base, back_base = (lambda: p16.T @ g), (lambda: p16 @ low16)
-    ms = _bench(lambda: i4.int4_project_triton(g, packed, s, z, p_shape, 256, side))
-    base = _bench(proj_base)
-    t.add("int4", "int4 project (bf16 G)", shape, ms, base, flop / ms / 1e9, "TFLOP/s", peak, goal,
-          ms <= 1.5 * base, _note(i4._mm_tuned))  # fmt: skip
-    ms = _bench(lambda: i4.int4_project_back_triton(low, packed, s, z, p_shape, 256, side))
-    base = _bench(back_base)
-    t.add("int4", "int4 project_back (fp32 low)", shape, ms, base, flop / ms / 1e9, "TFLOP/s", peak, goal,
-          ms <= 1.5 * base, _note(i4._mm_tuned))  # fmt: skip
+    auto = "dense" if i4._use_dense("auto", g.device) else "fused"
+    cases = [
+        ("project, bf16 G", functools.partial(i4.int4_project_triton, g), proj_base),
+        ("project_back, fp32 low", functools.partial(i4.int4_project_back_triton, low), back_base),
+    ]
+    for name, ours, base in cases:
+        base_ms = _bench(base)
+        for path in ("fused", "dense"):
+            ms = _bench(functools.partial(ours, packed, s, z, p_shape, 256, side, path))
+            tag = f"{path}, auto" if path == auto else path
+            t.add("int4", f"int4 {name} ({tag})", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak, goal,
+                  ms <= 1.5 * base_ms, _note(i4._mm_tuned) if path == "fused" else "")  # fmt: skip
 
 
 def bench_int4_projection(t: Table, quick: bool, peak: float) -> None:

@@ -24,10 +24,17 @@ column extent dividing the group -> one (scale, zero) per tile row. Else a few g
 row are selected per element (see ``w8a16_triton._group_scales``; groups < 32 elements: dequantize
 P, then torch's matmul). The dot runs on bf16 (or fp16) tensor cores with fp32 accumulation: fp32
 dense operands are rounded to bf16 in registers (2**-9 relative, far below the INT4 step of P).
+
+On a GPU the projections take the *dense* path by default (``path="auto"``, env
+``QGL_INT4_PROJECTION=fused`` to force the kernel): P is dequantized to a transient bf16 (or fp16)
+matrix, a few MB, and the product runs in cuBLAS with fp32 output (``torch.mm(out_dtype=)``),
+operands rounded exactly as the fused kernel rounds them. The in-loop nibble unpacking costs the
+fused kernel more than the dequantization costs the dense path (benchmarks/kernels.py prints both).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -260,8 +267,45 @@ def _p_dims(p_shape: Sequence[int], packed: Tensor, scale: Tensor, zero: Tensor,
     return dims
 
 
+_PATHS = ("auto", "fused", "dense")
+
+
+@functools.cache
+def _mm_fp32_out(device: torch.device) -> bool:
+    """Whether ``torch.mm(a16, b16, out_dtype=torch.float32)`` runs on ``device`` (CUDA, torch >= 2.8)."""
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _use_dense(path: str, device: torch.device) -> bool:
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    if path == "auto":
+        forced = os.environ.get("QGL_INT4_PROJECTION", "auto")
+        path = forced if forced in _PATHS else "auto"
+    if path == "auto":
+        return device.type == "cuda" and not interpreting() and _mm_fp32_out(device)
+    return path == "dense"
+
+
+def _dense_matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int,
+                  p_is_a: bool, p_k_contig: bool) -> Tensor:  # fmt: skip
+    """The dense path of ``_matmul``: P dequantized to 16 bits, one cuBLAS product, fp32 out."""
+    dtype = torch.float16 if dense.dtype == torch.float16 else torch.bfloat16
+    p = dequantize_int4_triton(packed, scale, zero, (pr, pc), gs, dtype)
+    d16 = dense.to(dtype)
+    a, b = ((p if p_k_contig else p.T), d16) if p_is_a else (d16, (p.T if p_k_contig else p))
+    if _mm_fp32_out(dense.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    # CPU (tests): products of 16-bit values are exact in fp32, so this is the same math.
+    return a.float() @ b.float()
+
+
 def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: int, n: int, k: int,
-            p_is_a: bool, p_k_contig: bool) -> Tensor:  # fmt: skip
+            p_is_a: bool, p_k_contig: bool, path: str = "auto") -> Tensor:  # fmt: skip
     """``dense`` is A ``[m, k]`` (P is B) or B ``[k, n]`` (P is A); returns fp32 ``[m, n]``.
 
     fp32 dense operands are rounded to bf16 in registers for the dot (bf16 tensor cores; tf32
@@ -271,6 +315,8 @@ def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: in
     """
     if dense.dtype not in _DENSE_DTYPES:
         dense = dense.to(torch.float32)
+    if m and n and k and gs >= MIN_KERNEL_GROUP and _use_dense(path, dense.device):
+        return _dense_matmul(dense, packed, scale, zero, pr, pc, gs, p_is_a, p_k_contig)
     out = _empty((m, n), dtype=torch.float32, device=dense.device)
     if m == 0 or n == 0:
         return out
@@ -298,12 +344,20 @@ def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: in
 
 
 def int4_project_triton(
-    g: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, side: str
+    g: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    p_shape: Sequence[int],
+    group_size: int,
+    side: str,
+    path: str = "auto",
 ) -> Tensor:
     """Project ``g [m, n]`` (fp32/bf16/fp16, any strides) by the packed P; fp32 result.
 
     ``side="right"``: P ``(r, n)``, returns ``g @ P^T`` ``(m, r)``. ``side="left"``: P ``(m, r)``,
-    returns ``P^T @ g`` ``(r, n)``.
+    returns ``P^T @ g`` ``(r, n)``. ``path``: "fused" (the kernel), "dense" (dequantized P and
+    cuBLAS) or "auto" (dense on a GPU; see the module docstring).
     """
     check_group_size(group_size)
     check_floating("g", g)
@@ -314,8 +368,10 @@ def int4_project_triton(
     check_numel(pr * pc)
     m, n = g.shape
     if side == "right":
-        return _matmul(g, packed, scale, zero, pr, pc, group_size, m, pr, n, p_is_a=False, p_k_contig=True)
-    return _matmul(g, packed, scale, zero, pr, pc, group_size, pc, n, m, p_is_a=True, p_k_contig=False)
+        return _matmul(g, packed, scale, zero, pr, pc, group_size, m, pr, n, p_is_a=False, p_k_contig=True,
+                       path=path)  # fmt: skip
+    return _matmul(g, packed, scale, zero, pr, pc, group_size, pc, n, m, p_is_a=True, p_k_contig=False,
+                   path=path)  # fmt: skip
 
 
 def int4_project_back_triton(
@@ -326,10 +382,12 @@ def int4_project_back_triton(
     p_shape: Sequence[int],
     group_size: int,
     side: str,
+    path: str = "auto",
 ) -> Tensor:
     """Map ``low`` back through the packed P; fp32 ``(m, n)`` result.
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
+    ``path`` as in ``int4_project_triton``.
     """
     check_group_size(group_size)
     check_floating("low", low)
@@ -341,9 +399,10 @@ def int4_project_back_triton(
     if side == "right":
         m = low.shape[0]
         return _matmul(low, packed, scale, zero, pr, pc, group_size, m, pc, pr, p_is_a=False,
-                       p_k_contig=False)  # fmt: skip
+                       p_k_contig=False, path=path)  # fmt: skip
     n = low.shape[1]
-    return _matmul(low, packed, scale, zero, pr, pc, group_size, pr, n, pc, p_is_a=True, p_k_contig=True)
+    return _matmul(low, packed, scale, zero, pr, pc, group_size, pr, n, pc, p_is_a=True, p_k_contig=True,
+                   path=path)  # fmt: skip
 
 
 # --- format conversions -----------------------------------------------------------------------------

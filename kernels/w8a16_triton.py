@@ -17,6 +17,14 @@ accumulate in fp32 with ``tl.dot`` (fp32 activations: tf32 tensor cores, Triton'
 operand: on Hopper the left wgmma operand may stay in registers and the small token count
 becomes the instruction's N (>= 8) rather than its M (>= 64), which suits decode-like shapes.
 The autotuner picks ``SWAP`` and the tile per (M bucket, N, K, group size).
+
+Training-sized token counts (``M >= dense_min_m()``, default ``DENSE_MIN_M``) take the *dense*
+path instead: W is dequantized into a transient ``x.dtype`` matrix (``dequantize_int8_triton``,
+~3 bytes an element at copy speed) and the product runs in cuBLAS. There the matmul is
+compute-bound and cuBLAS's Hopper kernels beat the fused kernel, whose int8 -> bf16 conversion
+sits in the wgmma loop, by far more than the dequantization costs (benchmarks/kernels.py prints
+both). The transient is one layer's weight, freed when the product returns. Same math as the
+reference either way: W dequantized in fp32, rounded once to the activation dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ __all__ = ["w8a16_linear_triton", "w8a16_grad_input_triton"]
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _K_ALIGN = 128  # every config's reduction block divides this: "K % 128 == 0" means no K masks
 MIN_KERNEL_GROUP = 32  # smaller groups: dequantize W, then torch's matmul (as the reference does)
+DENSE_MIN_M = 512  # tokens from which "auto" dequantizes W and calls cuBLAS (H100: see README)
+_PATHS = ("auto", "fused", "dense")
 _empty = torch.empty  # every output allocation goes through here (tests poison it)
 # Used under TRITON_INTERPRET=1 (the autotuner needs a GPU); tests may change it.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SWAP": False}
@@ -256,6 +266,19 @@ def _launch(tuned, kernel, args: tuple, m: int, n_out: int, meta: dict) -> None:
     tuned[grid](*args, **meta)
 
 
+def dense_min_m() -> int:
+    """Token count from which ``path="auto"`` takes the dense path: env ``QGL_W8A16_DENSE_MIN_M``,
+    else ``DENSE_MIN_M`` (read per call, so that benchmarks and tests can move it)."""
+    env = os.environ.get("QGL_W8A16_DENSE_MIN_M")
+    return int(env) if env else DENSE_MIN_M
+
+
+def _dense(path: str, m: int, group_size: int) -> bool:
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    return group_size < MIN_KERNEL_GROUP or path == "dense" or (path == "auto" and m >= dense_min_m())
+
+
 def _check(name: str, a: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dim: int):
     check_group_size(group_size)
     check_floating(name, a)
@@ -271,20 +294,27 @@ def _check(name: str, a: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, 
 
 
 def w8a16_linear_triton(
-    x: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, bias: Tensor | None = None
+    x: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    path: str = "auto",
 ) -> Tensor:
     """``x @ dequant(W)^T + bias``: ``x [..., in]`` (fp32/bf16/fp16), ``q int8 [out, in]`` -> ``[..., out]``.
 
-    Result in ``x.dtype``; ``bias [out]`` is cast to ``x.dtype``, then added in fp32 to the fp32
-    accumulator. Other activation dtypes fall back to the reference.
+    Result in ``x.dtype``; ``bias [out]`` is cast to ``x.dtype`` (fused: added in fp32 to the fp32
+    accumulator). Other activation dtypes fall back to the reference. ``path``: "fused" (the
+    kernel), "dense" (dequantize, then cuBLAS) or "auto" (dense from ``dense_min_m()`` tokens).
     """
     _check("x", x, q, scale, zero, group_size, 1)
     if x.dtype not in _ACT_DTYPES:
         return w8a16_linear_ref(x, q, scale, zero, group_size, bias)
-    if group_size < MIN_KERNEL_GROUP:
+    n, k = q.shape
+    if _dense(path, x.numel() // max(k, 1), group_size):
         w = dequantize_int8_triton(q, scale, zero, group_size, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    n, k = q.shape
     x2 = x.reshape(-1, k)
     if x2.numel() and x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -307,18 +337,18 @@ def w8a16_linear_triton(
 
 
 def w8a16_grad_input_triton(
-    dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int
+    dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, path: str = "auto"
 ) -> Tensor:
     """``dy @ dequant(W)``: ``dy [..., out]`` (fp32/bf16/fp16), ``q int8 [out, in]`` -> ``dx [..., in]``.
 
-    Result in ``dy.dtype``, fp32 accumulation.
+    Result in ``dy.dtype``, fp32 accumulation; ``path`` as in ``w8a16_linear_triton``.
     """
     _check("dy", dy, q, scale, zero, group_size, 0)
     if dy.dtype not in _ACT_DTYPES:
         return w8a16_grad_input_ref(dy, q, scale, zero, group_size)
-    if group_size < MIN_KERNEL_GROUP:
-        return dy @ dequantize_int8_triton(q, scale, zero, group_size, dy.dtype)
     n, k = q.shape
+    if _dense(path, dy.numel() // max(n, 1), group_size):
+        return dy @ dequantize_int8_triton(q, scale, zero, group_size, dy.dtype)
     dy2 = dy.reshape(-1, n)
     if dy2.numel() and dy2.stride(1) != 1:
         dy2 = dy2.contiguous()

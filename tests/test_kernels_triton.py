@@ -218,13 +218,14 @@ W8_SHAPES = [
 
 @pytest.mark.parametrize("m,n,k,gs", W8_SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_w8a16_fp32(poison, m, n, k, gs, symmetric):
+@pytest.mark.parametrize("path", ["fused", "dense"])
+def test_w8a16_fp32(poison, m, n, k, gs, symmetric, path):
     q, s, z = int8_ref.quantize_int8_ref(randn(n, k, shift=0.0 if symmetric else 0.3), gs, symmetric)
     x, bias, dy = randn(2, m, k), randn(n), randn(2, m, n)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, path)
     assert y.shape == (2, m, n) and y.dtype == x.dtype
     assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, gs, bias)) < F32_TOL
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, path)
     assert dx.shape == (2, m, k) and dx.dtype == dy.dtype
     assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, gs)) < F32_TOL
 
@@ -241,6 +242,25 @@ def test_w8a16_fp16_swap(poison, monkeypatch, swap, m, n, k, gs):
     assert rel_err(y, w8a16_ref.w8a16_linear_ref(x32, q, s, z, gs)) < 3e-3
     dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
     assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 3e-3
+
+
+def test_w8a16_auto_path_by_token_count(monkeypatch):
+    """"auto" dequantizes W and calls torch's matmul from dense_min_m() tokens on, fuses below."""
+    calls = []
+    real = w8a16_triton.dequantize_int8_triton
+    monkeypatch.setattr(w8a16_triton, "dequantize_int8_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("QGL_W8A16_DENSE_MIN_M", "8")
+    q, s, z = int8_ref.quantize_int8_ref(randn(24, 64), 64, True)
+    for m, dense in [(7, False), (8, True), (40, True)]:
+        calls.clear()
+        x, dy = randn(m, 64), randn(m, 24)
+        y = w8a16_triton.w8a16_linear_triton(x, q, s, z, 64)
+        dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, 64)
+        assert len(calls) == (2 if dense else 0), m
+        assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, 64)) < F32_TOL
+        assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, 64)) < F32_TOL
+    with pytest.raises(ValueError, match="path must be one of"):
+        w8a16_triton.w8a16_linear_triton(x, q, s, z, 64, path="cublas")
 
 
 # --- INT4 format and projections ---------------------------------------------------------------------
@@ -272,18 +292,34 @@ I4_SHAPES = [(17, 300, 5, 64), (40, 33, 16, 256), (64, 257, 24, 100), (33, 64, 3
 
 @pytest.mark.parametrize("m,n,r,gs", I4_SHAPES)
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_int4_projections_fp32(poison, m, n, r, gs, side):
+@pytest.mark.parametrize("path", ["fused", "dense"])
+def test_int4_projections_fp32(poison, m, n, r, gs, side, path):
+    # The dense path rounds fp32 operands to bf16 (as the fused kernel does on a GPU).
+    tol = 1e-2 if path == "dense" and gs >= w8a16_triton.MIN_KERNEL_GROUP else F32_TOL
     p_shape = (r, n) if side == "right" else (m, r)
     packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
     g = randn(m, n)
-    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side)
+    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side, path)
     low_r = int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)
     assert low.dtype == torch.float32 and low.shape == low_r.shape
-    assert rel_err(low, low_r) < F32_TOL
+    assert rel_err(low, low_r) < tol
     low_in = randn(*low_r.shape)
-    full = run2(poison, int4_triton.int4_project_back_triton, low_in, packed, s, z, p_shape, gs, side)
-    assert full.shape == (m, n)
-    assert rel_err(full, int4_ref.int4_project_back_ref(low_in, packed, s, z, p_shape, gs, side)) < F32_TOL
+    full = run2(poison, int4_triton.int4_project_back_triton, low_in, packed, s, z, p_shape, gs, side, path)
+    assert full.shape == (m, n) and full.dtype == torch.float32
+    assert rel_err(full, int4_ref.int4_project_back_ref(low_in, packed, s, z, p_shape, gs, side)) < tol
+
+
+def test_int4_projection_path_choice(monkeypatch):
+    """"auto" is the fused kernel on CPU (the interpreter) and dense on CUDA; the env var forces one."""
+    dev = torch.device(DEV)
+    assert int4_triton._use_dense("auto", dev) == (CUDA and int4_triton._mm_fp32_out(dev))
+    assert int4_triton._use_dense("dense", dev) and not int4_triton._use_dense("fused", dev)
+    monkeypatch.setenv("QGL_INT4_PROJECTION", "dense")
+    assert int4_triton._use_dense("auto", dev)
+    monkeypatch.setenv("QGL_INT4_PROJECTION", "fused")
+    assert not int4_triton._use_dense("auto", dev)
+    with pytest.raises(ValueError, match="path must be one of"):
+        int4_triton._use_dense("cublas", dev)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -334,27 +370,29 @@ def test_dispatch_selects_triton_on_cuda(monkeypatch):
 @pytest.mark.parametrize(
     "n,k,gs,symmetric", [(2048, 2048, 256, True), (1000, 1536, 128, False), (384, 1000, 256, True)]
 )
-def test_w8a16_bf16_cuda(poison, m, n, k, gs, symmetric):
+@pytest.mark.parametrize("path", ["fused", "dense"])
+def test_w8a16_bf16_cuda(poison, m, n, k, gs, symmetric, path):
     q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, symmetric)
     x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, path)
     assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, path)
     assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_projection_large_cuda(poison, side, dtype):
+@pytest.mark.parametrize("path", ["fused", "dense"])
+def test_int4_projection_large_cuda(poison, side, dtype, path):
     m, n, r, gs = 1024, 2752, 256, 256
     p_shape = (r, n) if side == "right" else (m, r)
     packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
     g = randn(m, n, dtype=dtype)
-    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side)
+    low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side, path)
     tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
     assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < tol
-    full = run2(poison, int4_triton.int4_project_back_triton, low, packed, s, z, p_shape, gs, side)
+    full = run2(poison, int4_triton.int4_project_back_triton, low, packed, s, z, p_shape, gs, side, path)
     assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3
 
 
@@ -399,8 +437,8 @@ def test_w8a16_every_config_cuda(monkeypatch, idx):
         q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, sym)
         x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
         with _skip_if_too_large():
-            y = w8a16_triton.w8a16_linear_triton(x, q, s, z, gs, bias)
-            dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, gs)
+            y = w8a16_triton.w8a16_linear_triton(x, q, s, z, gs, bias, path="fused")
+            dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, gs, path="fused")
         assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
         assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
 
@@ -417,7 +455,7 @@ def test_int4_every_config_cuda(monkeypatch, idx):
             packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
             g = randn(m, n, dtype=torch.bfloat16)
             with _skip_if_too_large():
-                low = int4_triton.int4_project_triton(g, packed, s, z, p_shape, gs, side)
-                full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side)
+                low = int4_triton.int4_project_triton(g, packed, s, z, p_shape, gs, side, "fused")
+                full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side, "fused")
             assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < 1e-2
             assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3
