@@ -138,17 +138,19 @@ class GaLoreProjector:
         g = grad.float()
         return g @ p.T if self.side == "right" else p.T @ g
 
-    def project_back(self, low: Tensor) -> Tensor:
-        """Full-shape update, fp32, times `scale`: low @ P if right, P @ low if left."""
+    def project_back(self, low: Tensor, factor: float = 1.0) -> Tensor:
+        """Full-shape update, fp32, times `scale * factor`: low @ P if right, P @ low if left.
+
+        The factors are applied to `low` (m x r or r x n), not to the (m, n) result: one pass
+        over the small tensor instead of one over the full one.
+        """
         if tuple(low.shape) != self.low_shape:
             raise ValueError(f"expected a low-rank tensor of shape {self.low_shape}, got {tuple(low.shape)}")
         p = self._require_basis()
-        low = low.float()
+        low = low.float() * (self.scale * float(factor))
         if isinstance(p, Int4Tensor):
-            full = p.project_back(low, self.side).float()
-        else:
-            full = low @ p if self.side == "right" else p @ low
-        return full * self.scale
+            return p.project_back(low, self.side).float()
+        return low @ p if self.side == "right" else p @ low
 
     def basis(self) -> Tensor | None:
         """P as used by the projections (dequantized if stored INT4), fp32, or None before the
