@@ -203,26 +203,26 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         grad = p.grad
         projector: GaLoreProjector | None = state.get("projector")
-        if projector is not None:
-            projector.maybe_refresh(grad, step - 1)
-            low = projector.project(grad)
-            update = projector.project_back(adam_direction(low, state, beta1, beta2, group["eps"], step))
-        elif getattr(p, "_qgl_owner", None) is None:  # plain: in place, in chunks (temporaries O(chunk))
-            lr = group["lr"]
-            adam_step_(p, grad, state, lr, 1.0 - lr * group["weight_decay"], beta1, beta2, group["eps"], step)
-            return
-        else:
-            update = adam_direction(grad, state, beta1, beta2, group["eps"], step)
         lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]
         owner = getattr(p, "_qgl_owner", None)
+        if projector is not None:
+            projector.maybe_refresh(grad, step - 1)
+            low = projector.project(grad)
+            # -lr rides on the low-rank tensor: no extra pass over the full-size update.
+            delta = projector.project_back(adam_direction(low, state, beta1, beta2, group["eps"], step), -lr)
+        elif owner is None:  # plain: in place, in chunks (temporaries O(chunk))
+            adam_step_(p, grad, state, lr, decay, beta1, beta2, group["eps"], step)
+            return
+        else:
+            delta = adam_direction(grad, state, beta1, beta2, group["eps"], step).mul_(-lr)
         if owner is not None:
             seed = _sr_seed(group["seed"], self._index[p], step) if group["stochastic_rounding"] else None
-            owner.apply_weight_update_(update.mul_(-lr), decay, seed)
+            owner.apply_weight_update_(delta, decay, seed)
             return
         if decay != 1.0:
             p.mul_(decay)
-        p.add_(update.to(p.dtype), alpha=-lr)
+        p.add_(delta)  # fp32 delta, added in fp32 and rounded once to p's dtype
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
