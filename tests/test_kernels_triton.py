@@ -17,7 +17,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from qgl.kernels import _dispatch, int4_ref, int4_triton, int8_ref, int8_triton, w8a16_ref, w8a16_triton  # noqa: E402
+from qgl.kernels import (  # noqa: E402
+    _dispatch,
+    int4_format_triton,
+    int4_ref,
+    int4_triton,
+    int8_ref,
+    int8_triton,
+    w8a16_ref,
+    w8a16_triton,
+)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -40,7 +49,7 @@ def poison(monkeypatch):
             return t.fill_(0xA5 if State.round == 0 else 0x5A)
         return t.fill_(-77 if State.round == 0 else 93)
 
-    for mod in (int8_triton, int4_triton, w8a16_triton):
+    for mod in (int8_triton, int4_format_triton, int4_triton, w8a16_triton):
         monkeypatch.setattr(mod, "_empty", empty)
     return State
 
