@@ -33,8 +33,31 @@ def _build(name: str, method: str, rank: int, checkpointing: bool):
     return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=False)
 
 
+def _profile(model, opt, data, steps: int = 3) -> None:
+    """Print where a training step's time goes: the top ops by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            model(data[:, :-1], labels=data[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
 def measure(
-    name: str, method: str, batch: int, seq: int, steps: int, warmup: int, rank: int, checkpointing: bool
+    name: str,
+    method: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    rank: int,
+    checkpointing: bool,
+    profile: bool = False,
 ) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
@@ -52,6 +75,9 @@ def measure(
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if profile:
+        print(f"--- profile of {method}, 3 steps")
+        _profile(model, opt, data)
     svds = 0
     if isinstance(opt, QGaLoreAdamW):
         svds = sum(s["svd_count"] for s in opt.subspace_stats().values())
@@ -75,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (after timing)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA device")
     rows = [
-        measure(args.model, m, args.batch, args.seq, args.steps, args.warmup, args.rank, args.checkpointing)
+        measure(args.model, m, args.batch, args.seq, args.steps, args.warmup, args.rank, args.checkpointing,
+                args.profile)
         for m in ("bf16-adamw", "qgl-qgalore")
     ]
     base = rows[0]
