@@ -116,13 +116,18 @@ def adam_step_(
         _apply(p, adam_direction(grad, state, beta1, beta2, eps, step), lr, decay)
         return
     flat_p, flat_g = p.view(-1), grad.view(-1)
-    numel = flat_p.numel()
-    size = BLOCK_8BIT * max(1, PLAIN_CHUNK // BLOCK_8BIT)
+    numel, size = flat_p.numel(), plain_chunk()
     for start in range(0, numel, size):
         stop = min(start + size, numel)
-        part = _state_slice(state, start, stop)
-        direction = adam_direction(flat_g[start:stop], part, beta1, beta2, eps, step)
-        _apply(flat_p[start:stop], direction, lr, decay)
+        part, g = _state_slice(state, start, stop), flat_g[start:stop]
+        # No name holds the direction: it is freed before the next chunk's is made.
+        _apply(flat_p[start:stop], adam_direction(g, part, beta1, beta2, eps, step), lr, decay)
+
+
+def plain_chunk() -> int:
+    """Elements per chunk of `adam_step_`: `PLAIN_CHUNK` rounded down to whole 8-bit blocks (at least
+    one; read at call time, so a test may shrink it)."""
+    return BLOCK_8BIT * max(1, PLAIN_CHUNK // BLOCK_8BIT)
 
 
 def _apply(p: Tensor, direction: Tensor, lr: float, decay: float) -> None:

@@ -15,11 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from qgl.models.llama import LlamaConfig, LlamaForCausalLM
-from qgl.optim.adam import MIN_8BIT_SIZE
+from qgl.optim.adam import BLOCK_8BIT, MIN_8BIT_SIZE, plain_chunk
 from qgl.plan.settings import PlanError, PlanSettings
-
-BLOCK_8BIT = 256
-"""Elements per absmax of the 8-bit optimizer state (bitsandbytes' blockwise format)."""
+from qgl.quant import blockwise8
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,13 @@ class ParamInfo:
 class Inventory:
     params: tuple[ParamInfo, ...]
     buffer_numel: int  # floating buffers other than QLinear's (the RoPE cache), in elements
+    update_order: tuple[int, ...] = ()  # indices into `params` in the order layer-wise updates run
+
+    def in_update_order(self) -> list[ParamInfo]:
+        """The parameters in the order their post-accumulate-grad hooks fire: the reverse of the
+        model's registration order (the backward runs the forward's modules in reverse; checked by
+        the tests on a built model)."""
+        return [self.params[i] for i in self.update_order] if self.update_order else list(self.params)
 
 
 def inventory(config: LlamaConfig, s: PlanSettings) -> Inventory:
@@ -88,7 +93,9 @@ def inventory(config: LlamaConfig, s: PlanSettings) -> Inventory:
         ParamInfo(name, tuple(p.shape), hasattr(p, "_qgl_owner"), name in linear, g["rank"])
         for g in groups for p, name in zip(g["params"], g["names"], strict=True)
     )
-    return Inventory(params, buffer_numel)
+    index = {info.name: i for i, info in enumerate(params)}
+    order = tuple(index[name] for name, _ in reversed(list(model.named_parameters())) if name in index)
+    return Inventory(params, buffer_numel, order)
 
 
 # ---------------------------------------------------------------- formats (bytes)
@@ -132,10 +139,15 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     """Peak temporaries of QGaLoreAdamW's update of `p` (bytes; CUDA path: Triton INT8 update in place).
 
     copy = 4 numel if the gradient is not fp32 (`grad.float()`), else 0.
-    Plain: copy + Adam's + (2 numel for `update.to(bf16)` if the parameter is bf16).
+    Plain (`qgl.optim.adam.adam_step_`: in place, over chunks of c = min(numel, `plain_chunk()`)
+    elements, one chunk's temporaries alive at a time): max(copy + Adam's, 4c + pb c for the fp32
+    direction and its cast to a non-fp32 parameter dtype of pb bytes), copy and Adam's on c elements;
+    the whole tensor's numel decides 8-bit or fp32 moments.
     Adam's (on N elements): fused 8-bit 4N (the fp32 zero "parameter" bitsandbytes writes the
-    direction into); 8-bit reference 16N (fp32 m and v, sqrt(v) and its scaled copy); fp32 moments
-    8N (sqrt(v) and its scaled copy, then denominator and direction).
+    direction into); 8-bit reference 18N + 8 min(N, Q) (fp32 m, v, denominator and direction, both
+    moments' new codes, and the quantizer's fp32 copy and int32 buckets of one chunk of Q =
+    `qgl.quant.blockwise8` chunk elements), + a few bytes per 256-element block (absmax, min/max);
+    fp32 moments 8N (sqrt(v) and its scaled copy, then denominator and direction).
     GaLore (m x n, k = min(m, n), L = low-rank numel): max of the refresh and the update.
     Refresh (full SVD): copy + 4 (2 m n + k^2): the input LAPACK/cuSOLVER overwrites, Vh (or U) and the
     k x k factor; randomized: copy + 16 (r + 8)(m + n) (sketch, QR and power-iteration blocks).
@@ -146,18 +158,19 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     n = p.numel
     copy = 4 * n if pb != 4 else 0
 
-    def adam(numel: int) -> int:
+    def adam(numel: int, work: int) -> int:  # `work` elements of a tensor of `numel` (8-bit or not)
         if s.optim_bits == 32 or numel < s.min_8bit_size:
-            return 8 * numel
-        return 4 * numel if s.fused_8bit else 16 * numel
+            return 8 * work
+        return 4 * work if s.fused_8bit else 18 * work + 8 * min(work, blockwise8._CHUNK)
 
     if p.rank is None:
-        return copy + adam(n) + (2 * n if pb != 4 else 0)
+        c = min(n, plain_chunk())
+        return max((4 * c if pb != 4 else 0) + adam(n, c), (4 + pb) * c if pb != 4 else 0)
     k = min(p.shape)
     if s.svd_method == "full":
         refresh = copy + 4 * (2 * n + k * k)
     else:
         refresh = copy + 16 * (p.rank + 8) * (p.shape[0] + p.shape[1])
     low = math.prod(p.low_shape)
-    update = 4 * low + adam(low) + 8 * n + (0 if s.proj_quant else copy)
+    update = 4 * low + adam(low, low) + 8 * n + (0 if s.proj_quant else copy)
     return max(refresh, update)

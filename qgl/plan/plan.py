@@ -24,10 +24,12 @@ from typing import NamedTuple
 
 from qgl.config import RecipeConfig
 from qgl.models.llama import LLAMA_CONFIGS, LlamaConfig
+from qgl.optim.adam import plain_chunk
 from qgl.optim.offload import PAGED_MIN_NUMEL
 from qgl.plan.activations import activation_bytes, block_bytes_per_token
 from qgl.plan.inventory import (
     Inventory,
+    ParamInfo,
     grad_nbytes,
     int8_nbytes,
     inventory,
@@ -172,17 +174,27 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
     params = inv.params
     largest_grad = max(params, key=lambda p: grad_nbytes(p, s))
     layerwise = s.qgalore and s.layerwise
+    loss_states = None
     if layerwise and s.accumulate == 1:
-        parts["gradients"] = grad_nbytes(largest_grad, s)
-        how["gradients"] = f"one at a time (layer-wise), the largest: {largest_grad.name}"
+        worst, window = _worst_update(inv, s)
+        parts["gradients"] = grad_nbytes(worst, s)
+        how["gradients"] = f"one at a time (layer-wise), that of the largest update: {worst.name}"
+        if s.offload == "cpu":
+            parts["optimizer_moments"] = sum(m for m, _ in window)
+            parts["projections"] = sum(pr for _, pr in window)
+            how["optimizer_moments"] = how["projections"] = (
+                f"states on the device in {worst.name}'s update: its own, the one before (written back), "
+                "the one after (prefetched)")
+            loss_states = sum(state_nbytes(inv.in_update_order()[0], s))
     else:
         full = pb * sum(p.numel for p in params)
         parts["gradients"] = full + grad_nbytes(largest_grad, s) - pb * largest_grad.numel
         how["gradients"] = f"all of them ({'accumulation' if layerwise else 'not layer-wise'}) x {pb} B"
-    if s.qgalore:
         worst = max(params, key=lambda p: step_temp_nbytes(p, s))
+    if s.qgalore:
         parts["optimizer_step"] = step_temp_nbytes(worst, s)
-        how["optimizer_step"] = f"temporaries of the largest update ({worst.name}): SVD refresh or Adam + P"
+        how["optimizer_step"] = f"temporaries of {worst.name}'s update: " + (
+            "SVD refresh or Adam + P" if worst.rank else f"Adam on one chunk of {plain_chunk():,} elements")
     else:
         parts["optimizer_step"] = pb * sum(p.numel for p in params)
         how["optimizer_step"] = "torch AdamW foreach: sqrt(exp_avg_sq) of every parameter"
@@ -196,7 +208,7 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
     how["grads_in_flight"] = "activation gradients in backward: 2 r h + 3 c i B a token (estimate)"
     parts["logits"] = act.logits
     how["logits"] = f"12 V B a token (fp32 log-probs, their and the logits' gradient), V={config.vocab_size}"
-    phases = _phases(parts, s)
+    phases = _phases(parts, s, loss_states)
     notes = []
     if layerwise and s.accumulate > 1:
         notes.append("layer-wise updates with accumulate > 1 hold a full gradient during the window; "
@@ -250,7 +262,26 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
     return parts, how, host
 
 
-def _phases(parts: dict[str, int], s: PlanSettings) -> dict[str, int]:
+def _worst_update(inv: Inventory, s: PlanSettings) -> tuple[ParamInfo, list[tuple[int, int]]]:
+    """The layer-wise update (accumulate 1) with the most bytes alive, and the optimizer states on the
+    device during it ((moments, projection) each; none listed without offload: they all persist).
+
+    Alive in the update of the i-th parameter in update order: its gradient, its update's temporaries
+    and, with CPU offload, the states of parameters i-1 (its copy back to host memory may still run),
+    i and i+1 (prefetched). So the largest update is not the largest gradient plus the largest
+    temporaries: since plain updates run in chunks, those belong to different parameters."""
+    order = inv.in_update_order()
+    states = [state_nbytes(p, s) for p in order] if s.offload == "cpu" else [(0, 0)] * len(order)
+
+    def alive(i: int) -> int:
+        window = states[max(0, i - 1):i + 2]
+        return sum(map(sum, window)) + grad_nbytes(order[i], s) + step_temp_nbytes(order[i], s)
+
+    i = max(range(len(order)), key=alive)
+    return order[i], (states[max(0, i - 1):i + 2] if s.offload == "cpu" else [])
+
+
+def _phases(parts: dict[str, int], s: PlanSettings, loss_states: int | None = None) -> dict[str, int]:
     """Bytes alive together in each phase of a step (P: the persistent parts).
 
     layer-wise, accumulate 1:  loss = P + activations + logits;
@@ -261,13 +292,17 @@ def _phases(parts: dict[str, int], s: PlanSettings) -> dict[str, int]:
     not layer-wise, accumulate 1:  loss as above; backward = P + max(activations, gradients) +
         grads_in_flight (activations are freed as gradients appear: the sum is largest at an end);
         step = P + gradients + optimizer_step (activations are gone).
+    `loss_states` (layer-wise CPU offload): the states on the device in the loss, in place of those of
+    the largest update in P (the first update's, prefetched at the end of the previous step).
     """
     p = sum(parts[k] for k in PERSISTENT)
     a, g, f = parts["activations"], parts["gradients"], parts["grads_in_flight"]
     t, lg = parts["optimizer_step"], parts["logits"]
     layerwise = s.qgalore and s.layerwise
     if layerwise and s.accumulate == 1:
-        return {"loss": p + a + lg, "backward": p + a + f + g + t}
+        states = parts["optimizer_moments"] + parts["projections"]
+        at_loss = p if loss_states is None else p - states + loss_states
+        return {"loss": at_loss + a + lg, "backward": p + a + f + g + t}
     if s.accumulate > 1:
         phases = {"loss": p + g + a + lg, "backward": p + g + a + f + (t if layerwise else 0)}
         return phases if layerwise else {**phases, "step": p + g + t}
