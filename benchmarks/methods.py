@@ -32,10 +32,12 @@ import math
 import sys
 import tempfile
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 # Only this folder, for `_public_adapters`: the repository root would make our top-level kernels/
 # shadow the `kernels` package that bitsandbytes tries to import.
@@ -53,11 +55,12 @@ _MIB = 2**20
 def _notes(method: str, cfg: Any, device: str) -> str:
     q, lo = cfg.qgalore, cfg.lora
     layerwise = "layer-wise" if q.layerwise else "not layer-wise"
+    also = f"; also trained: {', '.join(lo.trainable)}" if lo.trainable else ""
     galore = f"rank {q.rank}, gap {q.update_proj_gap}, scale {q.scale}, {layerwise}"
     return {
         "full": "torch AdamW, fp32 master weights",
         "adamw8bit": "bitsandbytes AdamW8bit",
-        "lora": f"r {lo.r}, alpha {lo.alpha:g}, bf16 base frozen, torch AdamW on the adapters",
+        "lora": f"r {lo.r}, alpha {lo.alpha:g}, bf16 base frozen, torch AdamW on the adapters{also}",
         "qlora": f"r {lo.r}, alpha {lo.alpha:g}, NF4 base (bnb Linear4bit), "
                  + ("paged AdamW8bit (its paged states, unified memory, are not in max_memory_allocated)"
                     if device == "cuda" else "AdamW8bit (no paging off CUDA)"),
@@ -78,27 +81,34 @@ def _overrides(method: str, steps: int, device: str, work: Path) -> list[str]:
 
 
 def run_method(recipe: str | None, overrides: list[str], method: str, steps: int, device: str, work: Path,
-               verbose: bool = False) -> dict[str, Any]:
-    """One row: train `method` for `steps` steps and return its numbers (or why it did not run)."""
+               log: Path | None = None, extra_overrides: Sequence[str] = (),
+               callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """One row: train `method` for `steps` steps and return its numbers (or why it did not run).
+
+    The run's output goes to `log` (None: left on stdout/stderr, the traceback of a failure too);
+    `extra_overrides` apply after this benchmark's own (e.g. a validation interval); `callbacks`
+    join the run's.
+    """
     from qgl.lightning.run import run
 
-    cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work)])
+    cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work), *extra_overrides])
     row: dict[str, Any] = {"method": method, "notes": _notes(method, cfg, device)}
     if method in PACKAGES and not available(method):
         return {**row, "error": f"not installed (pip install {method}==1.0)"}
     extra = [PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore))] if method in PACKAGES else []
-    log = work / f"{method}.log"
     try:
-        with open(log, "w") as f, contextlib.ExitStack() as stack:
-            if not verbose:
+        with contextlib.ExitStack() as stack:
+            if log is not None:
+                f = stack.enter_context(open(log, "w"))
                 stack.enter_context(contextlib.redirect_stdout(f))
                 stack.enter_context(contextlib.redirect_stderr(f))
-            summary = run(cfg, extra)
+            summary = run(cfg, [*extra, *callbacks])
     except Exception as err:  # one method failing must not hide the others' numbers
-        with open(log, "a") as f:
+        with (open(log, "a") if log is not None else contextlib.nullcontext(sys.stderr)) as f:
             traceback.print_exc(file=f)
-        return {**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                                f"(log: {log})"}
+        first = str(err).splitlines()[0] if str(err) else ""
+        where = f" (log: {log})" if log is not None else ""
+        return {**row, "error": f"{type(err).__name__}: {first}{where}"}
     finally:
         gc.collect()
         if device == "cuda":
@@ -112,7 +122,8 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             "states_mib": sum(parts.get(k, 0) for k in ("int8_weights", "params", "optimizer_moments",
                                                          "projections")) / _MIB,
             "tokens_per_s": summary["tokens_per_sec"], "train_loss": summary["train_loss"],
-            "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0}
+            "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0,
+            "train_loss_first": summary["train_loss_first"], "wall_s": summary["wall_seconds"]}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -183,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in ns.methods:
         print(f"[methods] {method} ...", file=sys.stderr, flush=True)
-        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), ns.verbose))
+        log = None if ns.verbose else work.resolve() / f"{method}.log"
+        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log))
     print()
     print(header(recipe, overrides, ns.steps, ns.device))
     print()
