@@ -209,25 +209,29 @@ class LlamaForCausalLM(nn.Module):
         stream (o_proj, down_proj) get 0.02 / sqrt(2 * num_layers), so that the residual's variance
         does not grow with depth (GPT-2). Norms to one. Also rebuilds the RoPE cache and re-ties
         lm_head to embed (both are lost by `to_empty`). A no-op on the meta device."""
-        std = 0.02
-        nn.init.normal_(self.embed.weight, std=std)
-        for block in self.blocks:
+        nn.init.normal_(self.embed.weight, std=self.init_std("embed"))
+        for i, block in enumerate(self.blocks):
             block.norm_1.reset_parameters()
             block.norm_2.reset_parameters()
-            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj,
-                        block.mlp.up_proj):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (block.attn.o_proj, block.mlp.down_proj):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.config.num_layers))
+            for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
+                         "attn.o_proj", "mlp.down_proj"):  # this order: the random streams of earlier runs
+                nn.init.normal_(block.get_submodule(name).weight, std=self.init_std(f"blocks.{i}.{name}"))
         self.norm.reset_parameters()
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            nn.init.normal_(self.lm_head.weight, std=self.init_std("lm_head"))
         cos, sin = build_rope_cache(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta,
                                     device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def init_std(self, name: str) -> float:
+        """Std of the normal init `init_weights` gives the weight of module `name` (the embedding or a
+        linear, e.g. "blocks.3.attn.o_proj"): 0.02, divided by sqrt(2 * num_layers) for o_proj and
+        down_proj."""
+        std = 0.02
+        return std / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj", "down_proj")) else std
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] long -> logits [B, T, V] (parameter dtype); with labels [B, T] long ->
