@@ -4,11 +4,14 @@ Full configuration: INT8 weights updated with stochastic rounding, INT4 projecti
 moments (everywhere: min_8bit_size=0), layer-wise updates in backward.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from _tiny_train import batches as _batches
+from _tiny_train import corpus_tokens, kernels_on_off
 
-from qgl.data.dataset import load_tokens
 from qgl.models.llama import LlamaForCausalLM
 from qgl.nn import quantize_model, quantized_modules
 from qgl.optim import QGaLoreAdamW, make_param_groups
@@ -16,16 +19,7 @@ from qgl.optim import QGaLoreAdamW, make_param_groups
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    stream = load_tokens("corpus", cache_dir=tmp_path_factory.mktemp("cache"))
-    return torch.from_numpy(np.asarray(stream[:300_000]).astype(np.int64))
-
-
-def _batches(tokens, n, batch=16, seq=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        starts = torch.randint(0, len(tokens) - seq - 1, (batch,), generator=g).tolist()
-        windows = torch.stack([tokens[s : s + seq + 1] for s in starts])
-        yield windows[:, :-1], windows[:, 1:]
+    return corpus_tokens(tmp_path_factory.mktemp("cache"))
 
 
 def _model():
@@ -161,6 +155,18 @@ def test_full_configuration_resumes_exactly(tokens, tmp_path):
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
     assert first + _fit(model, opt, batches[6:]) == straight
+
+
+def test_kernels_on_off_harness_on_cpu(tokens, monkeypatch, one_thread):
+    """The harness of test_cuda's kernels on/off comparison, 5 steps: on CPU both runs take the
+    references, so the two curves must be the same to the bit (same seed, weights, batches)."""
+    r = kernels_on_off(monkeypatch, tokens, 5, "cpu", batch=4, seq=64)
+    assert r["on"] == r["off"] and len(r["on"]) == 5 and all(np.isfinite(r["on"]))
+    assert r["on_calls"]["triton"] == r["off_calls"]["triton"] == 0
+    for name in ("w8a16_linear", "w8a16_grad_input", "int8_update"):  # what test_cuda expects of Triton
+        assert r["on_calls"][f"reference:{name}"] == r["off_calls"][f"reference:{name}"] > 0, name
+    assert r["stats"]["max_ma_diff"] == 0.0 and "kernels on/off, 5 steps on cpu" in r["summary"]
+    assert "QGL_DISABLE_TRITON" not in os.environ
 
 
 @pytest.mark.cuda
