@@ -210,6 +210,28 @@ class PublicDriver(Optimizer):
         return total
 
 
+def public_driver(package: str, module: torch.nn.Module, q: dict[str, Any], lr: float,
+                  betas: tuple[float, float], eps: float, weight_decay: float) -> PublicDriver:
+    """`package`'s 8-bit GaLore AdamW over `module`: the weights of the linears matching
+    `q["target_modules"]` and not `q["exclude"]` at `q["rank"]` (GaLore groups: `update_proj_gap`,
+    `scale`; q-galore adds INT4 projections of `proj_group_size` when `proj_quant`, and
+    `cos_threshold`, `gamma_proj`, `queue_size`), every other trainable parameter in plain 8-bit AdamW
+    groups; layer-wise when `q["layerwise"]` (as galore-torch's README: one optimizer a parameter,
+    stepped from its post-accumulate-grad hook). `q`: a `qgl.config` qgalore section as a dict."""
+    galore = dict(rank=q["rank"], update_proj_gap=q["update_proj_gap"], scale=q["scale"], proj_type="std")
+    if package == "q-galore-torch":
+        galore.update(quant=q["proj_quant"], quant_n_bit=4, quant_group_size=q["proj_group_size"],
+                      cos_threshold=q["cos_threshold"], gamma_proj=q["gamma_proj"],
+                      queue_size=q["queue_size"])
+    common = dict(lr=lr, betas=betas, eps=eps, user_group=0)
+    groups = []
+    for ours in make_param_groups(module, q["rank"], q["target_modules"], q["exclude"],
+                                  weight_decay=weight_decay):
+        extra = galore if ours["rank"] is not None else {}
+        groups.append(dict(params=ours["params"], weight_decay=ours["weight_decay"], **common, **extra))
+    return PublicDriver(groups, _adapt(package), layerwise=q["layerwise"])
+
+
 class PublicGaLoreCallback(OptimizerSwap):
     """Train with a public package's optimizer: `package` "galore-torch" or "q-galore-torch", on the
     weights of the linears matching `target_modules` and not `exclude` at `rank` (GaLore groups:
@@ -224,21 +246,11 @@ class PublicGaLoreCallback(OptimizerSwap):
         self.package, self.q = package, dict(qgalore)
 
     def _build(self, user: Optimizer, device: torch.device) -> Optimizer:
-        q, g = self.q, user.param_groups[0]
         if len(user.param_groups) != 1:
             raise ValueError("PublicGaLoreCallback needs a module optimizer with one param group")
-        galore = dict(rank=q["rank"], update_proj_gap=q["update_proj_gap"], scale=q["scale"], proj_type="std")
-        if self.package == "q-galore-torch":
-            galore.update(quant=q["proj_quant"], quant_n_bit=4, quant_group_size=q["proj_group_size"],
-                          cos_threshold=q["cos_threshold"], gamma_proj=q["gamma_proj"],
-                          queue_size=q["queue_size"])
-        common = dict(lr=float(g["lr"]), betas=tuple(g["betas"]), eps=g["eps"], user_group=0)
-        groups = []
-        for ours in make_param_groups(self._module, q["rank"], q["target_modules"], q["exclude"],
-                                      weight_decay=g["weight_decay"]):
-            extra = galore if ours["rank"] is not None else {}
-            groups.append(dict(params=ours["params"], weight_decay=ours["weight_decay"], **common, **extra))
-        return PublicDriver(groups, _adapt(self.package), layerwise=q["layerwise"])
+        g = user.param_groups[0]
+        return public_driver(self.package, self._module, self.q, lr=float(g["lr"]), betas=tuple(g["betas"]),
+                             eps=g["eps"], weight_decay=g["weight_decay"])
 
     def setup(self, trainer: Any, pl_module: Any, stage: str = "fit") -> None:
         if stage == "fit" and self.q.get("layerwise", True) and trainer.gradient_clip_val:
