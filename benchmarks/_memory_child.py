@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import sys
 import time
 from typing import Any
 
@@ -116,6 +117,11 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.Ten
     return loss.detach()
 
 
+def _progress(message: str) -> None:
+    """A line on stderr: what the parent reports if this process runs out of time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for dist in ("bitsandbytes", "galore-torch"):
@@ -167,6 +173,7 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
         net, opt = build(method, cfg, device)
         torch.cuda.synchronize(device)
         row["build_s"] = time.perf_counter() - t0
+        _progress(f"built in {row['build_s']:.1f} s, {torch.cuda.memory_allocated(device) / GIB:.2f} GiB")
         row["resident_bytes"] = torch.cuda.memory_allocated(device)
         gen = torch.Generator(device=device).manual_seed(0)
         data = torch.randint(0, net.config.vocab_size, (batch, seq + 1), device=device, generator=gen)
@@ -178,6 +185,7 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
             t = time.perf_counter()
+            _progress(f"step {step + 1} of {steps} running")
             loss = train_step(net, opt, data)
             if step == 0:
                 torch.cuda.synchronize(device)

@@ -111,8 +111,11 @@ def run_child(cmd: list[str], timeout: float, env: dict[str, str]) -> dict[str, 
     stderr says so), or "error" with the last line of its stderr."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "error": f"no result within {timeout:g} s"}
+    except subprocess.TimeoutExpired as err:
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        last = [ln for ln in stderr.splitlines() if ln.strip()][-1:]
+        return {"status": "timeout", "error": f"no result within {timeout:g} s"
+                + (f" (last: {last[0][:200]})" if last else "")}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(ROW_PREFIX):
             return json.loads(line[len(ROW_PREFIX):])

@@ -67,8 +67,10 @@ def test_parent_reports_a_child_that_cannot_run(memory, tmp_path):
 
 def test_timeout_oom_and_row_lines(memory):
     py = sys.executable
-    assert memory.run_child([py, "-c", "import time; time.sleep(30)"], 0.5, {}) == {
-        "status": "timeout", "error": "no result within 0.5 s"}
+    slow = ("import sys, time; print('[12:00:00] step 1 of 4 running', file=sys.stderr, flush=True); "
+            "time.sleep(30)")
+    assert memory.run_child([py, "-c", slow], 2, {}) == {
+        "status": "timeout", "error": "no result within 2 s (last: [12:00:00] step 1 of 4 running)"}
     oom = ("import sys; print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB', "
            "file=sys.stderr); sys.exit(1)")
     assert memory.run_child([py, "-c", oom], 30, {})["status"] == "OOM"
