@@ -5,7 +5,7 @@ Q-GaLore without and with optimizer-state offload, per model, one table; qgl bes
         --methods bf16-adamw,adamw8bit,galore-torch,qgl,qgl-offload --batch 1 --seq 256 --steps 4
     python benchmarks/memory.py --models 7b --methods qgl,qgl-offload --cap-gib 16   # 7B in 16 GB
     python benchmarks/memory.py --find-min-cap --caps 10,9,8.5,8                    # 7B offload, smallest cap
-    python benchmarks/memory.py --report benchmarks/results/memory_h100_<date>.json  # the table (no GPU)
+    python benchmarks/memory.py --report a.json b.json --out benchmarks/results/memory_h100_<date>.json
 
 Every (model, method) runs in its own process (`--one`, `benchmarks/_memory_child.py`): a clean peak,
 and an out-of-memory error or a `--timeout` ends one row ("OOM", "timeout"), not the table. Same batch
@@ -20,7 +20,8 @@ the SVD (`--svd` replaces it, and the header says so).
 `--find-min-cap` runs 7B qgl-offload under `--caps` (largest first) until one fails, and reports the
 smallest that completed the steps. Rows are merged into `benchmarks/results/memory_<gpu>_<date>.json`
 (a row replaces the one of the same model, method, cap, batch and length), so a long run can be split
-over several commands; each prints the table of everything in that file.
+over several commands; each prints the table of everything in that file. `--report` merges rows files
+(e.g. one `--out` per command, fetched from different machines) and prints their table, without a GPU.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="PYTORCH_CUDA_ALLOC_CONF of the processes ('' for torch's default)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file of the rows (default: results/memory_<gpu>_<date>.json)")
-    ap.add_argument("--report", type=Path, default=None, help="print the table of a JSON file and exit")
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="print the table of these rows files (merged in order; into --out if any), exit")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row
     ap.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -248,7 +250,13 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_child) -> int:
         print(ROW_PREFIX + json.dumps(row), flush=True)
         return 0
     if ns.report is not None:
-        rows = json.loads(ns.report.read_text())
+        rows: list[dict[str, Any]] = []
+        for path in ns.report:
+            new = json.loads(path.read_text())
+            keys = {_key(r) for r in new}
+            rows = [r for r in rows if _key(r) not in keys] + new
+        if ns.out is not None:
+            rows = merge(ns.out, rows)
         print(header(rows, ns.alloc_conf) + "\n\n" + table(rows))
         return 0
     env = {"PYTORCH_CUDA_ALLOC_CONF": ns.alloc_conf} if ns.alloc_conf else {}

@@ -126,6 +126,12 @@ def test_main_merges_rows_and_stops_the_cap_search(memory, tmp_path, capsys, mon
     text = capsys.readouterr().out
     assert "smallest cap that completed 4 steps: 9 GiB" in text and f"rows: {out}" in text
     assert memory.main(["--report", str(out)]) == 0 and "| 130m | qgl |" in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{**rows[1], "method": "qgl-offload"}, {**rows[0], "peak_bytes": 2 * GIB}]))
+    merged = tmp_path / "merged.json"
+    assert memory.main(["--report", str(out), str(other), "--out", str(merged)]) == 0
+    both = json.loads(merged.read_text())
+    assert len(both) == 6 and [r["peak_bytes"] for r in both if r["method"] == "adamw8bit"] == [2 * GIB]
     assert memory.results_path("NVIDIA H100 80GB HBM3", __import__("datetime").date(2026, 11, 24)).name == (
         "memory_h100_2026-11-24.json")
 
