@@ -121,7 +121,9 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             "memory_kind": summary["memory_kind"],
             "states_mib": sum(parts.get(k, 0) for k in ("int8_weights", "params", "optimizer_moments",
                                                          "projections")) / _MIB,
-            "tokens_per_s": summary["tokens_per_sec"], "train_loss": summary["train_loss"],
+            "tokens_per_s": summary["tokens_per_sec"],
+            "tokens_per_s_steady": summary.get("tokens_per_sec_after_first_step"),
+            "train_loss": summary["train_loss"],
             "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0,
             "train_loss_first": summary["train_loss_first"], "wall_s": summary["wall_seconds"]}
 
@@ -132,16 +134,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as one Markdown table."""
-    lines = ["| method | peak MiB | weights + states MiB | tokens/s | train loss | val loss | val ppl | SVDs "
-             "| notes |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | peak MiB | weights + states MiB | tokens/s | tokens/s after step 1 | train loss "
+             "| val loss | val ppl | SVDs | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | did not run: {r['error']}; "
+            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | - | did not run: {r['error']}; "
                          f"{r['notes']} |")
             continue
         kind = "" if r["memory_kind"] == "cuda" else " (RSS)"
         lines.append(f"| {r['method']} | {r['peak_mib']:,.1f}{kind} | {r['states_mib']:,.2f} | "
-                     f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['train_loss'], '.4f')} | "
+                     f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r.get('tokens_per_s_steady'), ',.0f')} | "
+                     f"{_fmt(r['train_loss'], '.4f')} | "
                      f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['val_ppl'], ',.2f')} | {r['svds']} | "
                      f"{r['notes']} |")
     return "\n".join(lines)

@@ -110,6 +110,9 @@ def test_train_end_to_end_wandb_offline(clean_env, spy_run, capsys):
     assert s["steps"] == 6 and math.isfinite(s["train_loss"]) and math.isfinite(s["val_loss"])
     assert s["train_loss"] < s["train_loss_first"]
     assert s["tokens_per_sec"] > 0 and s["peak_memory_bytes"] > 0 and s["svd_total"] > 0
+    # 6 steps: the rate after the first step (every layer's SVD) counts the 5 others
+    assert s["tokens_per_sec_after_first_step"] > 0
+    assert "after the first step" in out
     assert os.environ["WANDB_MODE"] == "offline"
     runs = list((clean_env / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and s["run_dir"] == str(runs[0].resolve())

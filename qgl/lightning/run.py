@@ -33,7 +33,8 @@ _MIB = 2**20
 
 class RunStats(Callback):
     """Training loss of each optimizer step (mean over its micro-batches), training time without
-    validation (for tokens/s) and the last validated step."""
+    validation (for tokens/s, also from the end of the first optimizer step on: that step runs every
+    layer's first SVD) and the last validated step."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -44,6 +45,10 @@ class RunStats(Callback):
         self.last_val_step: int | None = None
         self._t0 = self._val_t0 = 0.0
         self._tokens0 = 0
+        self._t1: float | None = None  # end of the first optimizer step
+        self._tokens1 = 0
+        self.steady_seconds = 0.0
+        self.steady_tokens = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens0 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
@@ -60,19 +65,26 @@ class RunStats(Callback):
             self._step = trainer.global_step
             self.losses.append(sum(self._window) / len(self._window))
             self._window = []
+            if self._t1 is None:  # float(loss) above waited for the device: the step is done
+                self._t1, self._tokens1 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_t0 = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.training or trainer.state.fn == "fit":
-            self._t0 += time.perf_counter() - self._val_t0  # validation time is not training time
+            val_seconds = time.perf_counter() - self._val_t0
+            self._t0 += val_seconds  # validation time is not training time
+            if self._t1 is not None:
+                self._t1 += val_seconds
         if not trainer.sanity_checking:
             self.last_val_step = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.train_seconds = time.perf_counter() - self._t0
-        self.tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._tokens0
+        end, tokens = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
+        self.train_seconds, self.tokens = end - self._t0, tokens - self._tokens0
+        if self._t1 is not None:
+            self.steady_seconds, self.steady_tokens = end - self._t1, tokens - self._tokens1
 
 
 # ---------------------------------------------------------------- logger
@@ -225,6 +237,8 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_steps": len(tail),
         "val_loss": val_loss, "val_ppl": val_ppl,
         "tokens_per_sec": stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
+        "tokens_per_sec_after_first_step": (stats.steady_tokens / stats.steady_seconds
+                                            if stats.steady_seconds > 0 and stats.steady_tokens else None),
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
@@ -249,7 +263,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("train loss", f"{_fmt(s['train_loss_first'])} (first step) -> {_fmt(s['train_loss'])} "
                   f"(mean of the last {s['train_loss_steps']})")
     table.add_row("val loss / perplexity", f"{_fmt(s['val_loss'])} / {_fmt(s['val_ppl'], '.2f')}")
-    table.add_row("tokens/s (training)", _fmt(s["tokens_per_sec"], ",.0f"))
+    rates = f"{_fmt(s['tokens_per_sec'], ',.0f')}; {_fmt(s['tokens_per_sec_after_first_step'], ',.0f')}"
+    table.add_row("tokens/s (training; after the first step)", rates)
     kind = "GPU max allocated" if s["memory_kind"] == "cuda" else "process RSS"
     parts = ", ".join(f"{k} {v / _MIB:,.1f}" for k, v in s["memory_parts"].items() if v)
     peak = s["peak_memory_bytes"]
