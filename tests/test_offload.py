@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import qgl.lightning.run as run_mod
+import qgl.optim.adam as adam
 from qgl.cli import main
 from qgl.models.llama import LlamaForCausalLM
 from qgl.nn import quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
-from qgl.optim.offload import StateOffloader, make_offloader, offload_mode, state_tensors
+from qgl.optim.offload import PagedStates, StateOffloader, make_offloader, offload_mode, state_tensors
 
 
 def _build(offload, layerwise=True, device="cpu", seed=0):
@@ -136,6 +137,71 @@ def test_cuda_offload_identical_and_paged_runs():
     _assert_identical(*plain, *offloaded)
     assert all(t.is_pinned() for st in offloaded[1].state.values() for t in state_tensors(st).values())
     pytest.importorskip("bitsandbytes")
+    plain = _build(False, device="cuda")
     model, opt = _build("paged", device="cuda")
-    _train(model, opt, _batches(4, "cuda"))
-    assert opt.state_nbytes()["offloaded_moments"] > 0
+    # The tiny model has no code tensor of bitsandbytes' 1e5 elements: page every 8-bit code.
+    opt.offloader.min_numel = 1
+    for m, o in (plain, (model, opt)):
+        _train(m, o, _batches(4, "cuda"))
+    torch.cuda.synchronize()
+    _assert_identical(*plain, model, opt)
+    _assert_paged_accounting(opt, plain[1])
+
+
+class _FakePaged:
+    """Stand-in for `bitsandbytes.functional` on CPU: "unified memory" is a CPU tensor flagged
+    `is_paged`, as bitsandbytes' `get_paged` returns one (`torch.frombuffer` over managed memory)."""
+
+    def __init__(self):
+        self.allocated, self.prefetched = [], 0
+
+    def get_paged(self, *shape, dtype=torch.float32, device=None):
+        out = torch.empty(shape, dtype=dtype)
+        out.is_paged, out.page_deviceid = True, getattr(device, "index", None)
+        self.allocated.append(out)
+        return out
+
+    def prefetch_tensor(self, t, to_cpu=False):
+        assert t.is_paged
+        self.prefetched += 1
+
+
+def _codes_nbytes(opt, min_numel):
+    """Bytes of the 8-bit codes of at least `min_numel` elements (those the paged mode pages)."""
+    return sum(t.numel() for st in opt.state.values() for k, t in st.items()
+               if k.endswith("_codes") and t.numel() >= min_numel)
+
+
+def _assert_paged_accounting(opt, reference):
+    """`state_nbytes` of a paged run: the paged codes under offloaded_moments, the rest (absmax, fp32
+    moments of small tensors, small codes) under moments; totals equal the unpaged reference's."""
+    nbytes, ref = opt.state_nbytes(), reference.state_nbytes()
+    paged = _codes_nbytes(opt, opt.offloader.min_numel)
+    assert paged > 0 and nbytes["offloaded_moments"] == paged
+    assert nbytes["moments"] == ref["moments"] - paged and nbytes["projections"] == ref["projections"]
+    assert nbytes["offloaded_projections"] == 0
+    for st in opt.state.values():
+        for k, t in st.items():
+            if isinstance(t, torch.Tensor):
+                big_codes = k.endswith("_codes") and t.numel() >= opt.offloader.min_numel
+                assert bool(getattr(t, "is_paged", False)) == big_codes, k
+
+
+@pytest.mark.parametrize("min_numel", [1, 20_000])
+def test_paged_accounting_with_a_fake_allocator(min_numel, monkeypatch, one_thread):
+    """The paged mode's bookkeeping on CPU: codes are paged at their first update (plain parameters
+    through the chunked step too), stay paged (slices keep the flag, nothing replaces them), are
+    prefetched before each later update, and `state_nbytes` counts them under offloaded_moments."""
+    monkeypatch.setattr(adam, "PLAIN_CHUNK", 4096)  # the embedding (40,960 elements) in 10 chunks
+    plain = _build(False)
+    model, opt = _build(False)
+    fake = _FakePaged()
+    opt.offloader = PagedStates(min_numel=min_numel, functional=fake)
+    for m, o in (plain, (model, opt)):
+        _train(m, o, _batches(4))
+    _assert_identical(*plain, model, opt)
+    _assert_paged_accounting(opt, plain[1])
+    n_paged = sum(1 for st in opt.state.values() for k, t in st.items()
+                  if k.endswith("_codes") and t.numel() >= min_numel)
+    assert len(fake.allocated) == n_paged  # paged once, at the first update
+    assert fake.prefetched == 3 * n_paged  # before each of the 3 later updates

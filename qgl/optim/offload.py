@@ -211,30 +211,43 @@ class StateOffloader:
 
 
 class PagedStates:
-    """bitsandbytes' paged (CUDA unified memory) 8-bit moment codes; same interface as StateOffloader."""
+    """bitsandbytes' paged (CUDA unified memory) 8-bit moment codes; same interface as StateOffloader.
+
+    Args:
+        min_numel: codes of at least this many elements are paged (bitsandbytes' threshold by default;
+            smaller ones stay ordinary device tensors, counted under `moments`).
+        functional: the module that allocates and prefetches paged tensors (`get_paged`,
+            `prefetch_tensor`); `bitsandbytes.functional` by default, which needs CUDA. Tests pass a
+            stand-in whose `get_paged` returns CPU tensors flagged `is_paged`.
+    """
 
     mode = "paged"
 
-    def __init__(self) -> None:
+    def __init__(self, min_numel: int = PAGED_MIN_NUMEL, functional: Any = None) -> None:
         from qgl.optim.adam import _bitsandbytes
 
-        self._bnbf = _bitsandbytes() if torch.cuda.is_available() else None
-        if self._bnbf is None:
+        if functional is None and torch.cuda.is_available():
+            functional = _bitsandbytes()
+        if functional is None:
             raise ValueError("offload='paged' needs CUDA and bitsandbytes (CUDA unified memory); "
                              "use offload=True (or 'cpu') for CPU-pinned states instead")
+        self.min_numel = min_numel
+        self._bnbf = functional
 
     @contextmanager
     def resident(self, p: Tensor, state: dict[str, Any]) -> Iterator[None]:
         """Prefetch `p`'s paged codes to the device; after the first update, page its large codes."""
         for key in _CODES:
-            if getattr(state.get(key), "is_paged", False):
+            if self.holds(state.get(key)):
                 self._bnbf.prefetch_tensor(state[key])
         try:
             yield
         finally:
             for key in _CODES:
                 t = state.get(key)
-                if t is not None and t.is_cuda and t.numel() >= PAGED_MIN_NUMEL:
+                # Not `t.is_cuda`: bitsandbytes' paged tensors are CPU tensors over managed memory
+                # (`torch.frombuffer`), so "not yet paged" is told by the flag, not the device.
+                if t is not None and not self.holds(t) and t.numel() >= self.min_numel:
                     paged = self._bnbf.get_paged(*t.shape, dtype=t.dtype, device=t.device)
                     paged.copy_(t)
                     state[key] = paged
@@ -246,8 +259,9 @@ class PagedStates:
         """Nothing to do: the driver pages on demand."""
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
-    def holds(self, t: Tensor) -> bool:
+    def holds(self, t: Tensor | None) -> bool:
         """True for tensors in unified memory."""
         return bool(getattr(t, "is_paged", False))
