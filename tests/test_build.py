@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _tensors import peak_cpu_allocated
 
 from qgl.models.build import build_quantized_llama
 from qgl.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, count_parameters
@@ -44,31 +45,10 @@ def test_tied_embeddings_stay_tied():
     assert built.lm_head.weight is built.embed.weight
 
 
-def _peak_allocated(fn) -> int:
-    """Peak bytes allocated on the CPU during `fn()` above what was allocated before."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-
-    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if type(e.extra_fields).__name__ == "_ExtraFields_Allocation"]
-    total = peak = 0
-    for e in sorted(events, key=lambda e: e.start_time_ns):
-        total += e.extra_fields.alloc_size
-        peak = max(peak, total)
-    return peak
-
-
 def test_never_holds_the_float_model(one_thread):
     cfg = replace(TINY, hidden_size=256, intermediate_size=768, num_layers=6, max_seq_len=64)
     out: list[torch.nn.Module] = []
-    peak = _peak_allocated(lambda: out.append(build_quantized_llama(cfg, "cpu", torch.bfloat16)))
+    peak = peak_cpu_allocated(lambda: out.append(build_quantized_llama(cfg, "cpu", torch.bfloat16)))
     model = out[0]
     final = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # carriers: one element
                  for t in [*model.parameters(), *model.buffers()]}.values())

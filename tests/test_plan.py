@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _tensors import peak_cpu_allocated
 
 from qgl.callbacks.memory import PARTS, measure
 from qgl.cli import main, parse_size
@@ -210,28 +211,6 @@ def test_parse_size():
             parse_size(bad)
 
 
-def _peak_allocated(fn) -> int:
-    """Peak bytes allocated on the CPU during `fn()` above what was allocated before (the profiler's
-    allocation events, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-
-    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if type(e.extra_fields).__name__ == "_ExtraFields_Allocation"]
-    total = peak = 0
-    for e in sorted(events, key=lambda e: e.start_time_ns):
-        total += e.extra_fields.alloc_size
-        peak = max(peak, total)
-    return peak
-
-
 @pytest.mark.parametrize("bits", [8, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_plain_update_temporaries_are_the_formula(bits, dtype, monkeypatch, one_thread):
@@ -245,7 +224,7 @@ def test_plain_update_temporaries_are_the_formula(bits, dtype, monkeypatch, one_
     opt = QGaLoreAdamW([dict(params=[emb.weight], rank=None)], lr=1e-3, weight_decay=0.1, optim_bits=bits)
     for _ in range(2):  # the first step allocates the moments
         emb.weight.grad = torch.randn_like(emb.weight)
-        measured = _peak_allocated(lambda: opt.update_param(emb.weight))
+        measured = peak_cpu_allocated(lambda: opt.update_param(emb.weight))
     s = PlanSettings(precision="bf16-true" if dtype == torch.bfloat16 else "32-true", optim_bits=bits,
                      fused_8bit=False)
     info = ParamInfo("embed.weight", (300, 180), False, False, None)
