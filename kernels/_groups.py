@@ -9,6 +9,8 @@ slice of per-group statistics (scale, zero) that belongs to it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -138,3 +140,25 @@ def check_projection(side: str, x: Tensor, p_shape: tuple[int, int], back: bool)
         need = "g (m, n) and P (r, n)" if side == "right" else "g (m, n) and P (m, r)"
     if not ok:
         raise ValueError(f"side={side!r} needs {need}, got {tuple(x.shape)}, {(pr, pc)}")
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, or a TypeError/ValueError naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    return dims
+
+
+def check_packed(packed: Tensor, numel: int) -> None:
+    """``packed`` must hold ``numel`` INT4 codes two to a byte: uint8, 1-D, ``ceil(numel / 2)`` bytes."""
+    check_dtype("packed", packed, torch.uint8)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got {tuple(packed.shape)}"
+        )

@@ -16,7 +16,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._groups import check_dtype, check_float_dtype, check_floating, check_group_size, check_stats, n_groups
+from ._groups import (
+    check_dtype,
+    check_float_dtype,
+    check_floating,
+    check_group_size,
+    check_packed,
+    check_shape,
+    check_stats,
+    n_groups,
+)
 from .int4_ref import quantize_int4_ref
 from .int8_triton import MAX_TILE_GROUP, _rint, check_device, check_numel, group_tiling
 
@@ -146,17 +155,9 @@ def dequantize_int4_triton(
     """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
     check_group_size(group_size)
     check_float_dtype(dtype)
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    dims = check_shape(shape)
     numel = math.prod(dims)
-    check_dtype("packed", packed, torch.uint8)
-    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got "
-                         f"{tuple(packed.shape)}")  # fmt: skip
+    check_packed(packed, numel)
     if zero is None:
         raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
     check_stats(numel, group_size, scale, zero)
@@ -186,12 +187,7 @@ def pack_int4_triton(q: Tensor) -> Tensor:
 
 def unpack_int4_triton(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_int4_triton`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
-    check_dtype("packed", packed, torch.uint8)
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
-        raise ValueError(f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got "
-                         f"{tuple(packed.shape)}")  # fmt: skip
+    check_packed(packed, numel)
     check_device(packed)
     check_numel(numel)
     out = _empty(numel, dtype=torch.uint8, device=packed.device)

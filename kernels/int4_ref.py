@@ -20,7 +20,9 @@ from ._groups import (
     check_float_dtype,
     check_floating,
     check_group_size,
+    check_packed,
     check_projection,
+    check_shape,
     check_stats,
     dequantize_groups_,
     group_views,
@@ -55,13 +57,7 @@ def pack_int4_ref(q: Tensor) -> Tensor:
 
 def unpack_int4_ref(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_int4_ref`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
-    check_dtype("packed", packed, torch.uint8)
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    if packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
-        raise ValueError(
-            f"packed must be 1-D with ceil(numel / 2) = {(numel + 1) // 2} bytes, got {tuple(packed.shape)}"
-        )
+    check_packed(packed, numel)
     half = numel // 2
     out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     pairs = out[: 2 * half].view(half, 2)
@@ -70,16 +66,6 @@ def unpack_int4_ref(packed: Tensor, numel: int) -> Tensor:
     if numel % 2:
         out[-1] = packed[half] & 15
     return out
-
-
-def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
-    return dims
 
 
 def quantize_int4_ref(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +104,7 @@ def dequantize_int4_ref(
     """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
     check_group_size(group_size)
     check_float_dtype(dtype)
-    dims = _as_shape(shape)
+    dims = check_shape(shape)
     numel = math.prod(dims)
     if zero is None:
         raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
@@ -130,7 +116,7 @@ def dequantize_int4_ref(
 
 
 def _dequantize_p(packed, scale, zero, p_shape, group_size) -> Tensor:
-    dims = _as_shape(p_shape)
+    dims = check_shape(p_shape)
     if len(dims) != 2:
         raise ValueError(f"p_shape must be 2-D, got {dims}")
     return dequantize_int4_ref(packed, scale, zero, dims, group_size, torch.float32)
