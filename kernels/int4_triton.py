@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._bench import do_bench
 from ._groups import check_dtype, check_floating, check_group_size, check_projection, check_stats
 from .int4_format_triton import (
     dequantize_int4_triton,
@@ -170,7 +171,7 @@ _CONFIGS = [
     _cfg(128, 128, 128, 8, 3),
 ]
 _KEY = ["M", "N", "K", "GS", "P_IS_A", "P_K_CONTIG", "PC_DIV_GS", "EVEN", "DOT_BF16"]
-_mm_tuned = triton.autotune(_CONFIGS, key=_KEY)(_int4_mm_kernel)
+_mm_tuned = triton.autotune(_CONFIGS, key=_KEY, do_bench=do_bench)(_int4_mm_kernel)
 
 
 def _p_dims(p_shape: Sequence[int], packed: Tensor, scale: Tensor, zero: Tensor, group_size: int):

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._bench import do_bench
 from ._groups import check_floating, check_group_size, check_stats
 from .int8_triton import check_device, check_numel, dequantize_int8_triton, interpreting
 from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
@@ -240,10 +241,12 @@ def _w8a16_bwd_kernel(
 
 
 _KEY = ["M_BUCKET", "N", "K", "GS", "SYMMETRIC"]
-_fwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+_fwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                             do_bench=do_bench)(
     _w8a16_fwd_kernel
 )
-_bwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+_bwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                             do_bench=do_bench)(
     _w8a16_bwd_kernel
 )
 
