@@ -18,6 +18,12 @@ operand: on Hopper the left wgmma operand may stay in registers and the small to
 becomes the instruction's N (>= 8) rather than its M (>= 64), which suits decode-like shapes.
 The autotuner picks ``SWAP`` and the tile per (M bucket, N, K, group size).
 
+``SPLIT_K`` (decode-like configs only) splits the reduction over ``SPLIT_K`` programs per output
+tile: with few tokens there is one row of tiles, e.g. 32 tiles of 64 columns for a 2048-wide
+output, too few to keep 132 SMs streaming W. Each split writes its fp32 partial tile to a
+workspace ``[SPLIT_K, M, N_out]`` and the wrapper sums the slices in a fixed order (no atomics:
+the result is deterministic), then adds the bias and rounds once to the activation dtype.
+
 Training-sized token counts (``M >= dense_min_m()``, default ``DENSE_MIN_M``) take the *dense*
 path instead: W is dequantized into a transient ``x.dtype`` matrix (``dequantize_int8_triton``,
 ~3 bytes an element at copy speed) and the product runs in cuBLAS. There the matmul is
@@ -50,15 +56,16 @@ DENSE_MIN_M = 512  # tokens from which "auto" dequantizes W and calls cuBLAS (H1
 _PATHS = ("auto", "fused", "dense")
 _empty = torch.empty  # every output allocation goes through here (tests poison it)
 # Used under TRITON_INTERPRET=1 (the autotuner needs a GPU); tests may change it.
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SWAP": False}
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SWAP": False, "SPLIT_K": 1}
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP": swap}
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool, split: int = 1) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP": swap, "SPLIT_K": split}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-# Decode-like (M <= 64): stream W once, few tokens; swapped tiles keep the tokens as wgmma's N.
+# Decode-like (M <= 64): stream W once, few tokens; swapped tiles keep the tokens as wgmma's N;
+# split-K configs for outputs too narrow to give every SM a tile.
 _SMALL_M = [
     _cfg(16, 64, 128, 4, 4, True),
     _cfg(16, 128, 128, 4, 4, True),
@@ -66,7 +73,13 @@ _SMALL_M = [
     _cfg(64, 128, 64, 4, 4, True),
     _cfg(16, 64, 128, 4, 4, False),
     _cfg(32, 128, 64, 4, 4, False),
+    _cfg(16, 64, 128, 4, 4, True, 2),
+    _cfg(16, 64, 128, 4, 4, True, 4),
+    _cfg(16, 64, 128, 4, 4, True, 8),
+    _cfg(16, 128, 128, 4, 4, True, 4),
+    _cfg(32, 64, 128, 4, 4, True, 4),
 ]
+MAX_SPLIT_K = 8  # the largest SPLIT_K of any config: the workspace's first dimension
 # Training-like (M > 64): large tiles for tensor-core throughput.
 _LARGE_M = [
     _cfg(128, 128, 64, 8, 4, False),
@@ -148,27 +161,34 @@ def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w8a16_fwd_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm,
     M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """``y [M, N] = x [M, K] @ dequant(q [N, K])^T (+ bias)``, fp32 accumulation, y in x's dtype."""
+    """``y [M, N] = x [M, K] @ dequant(q [N, K])^T (+ bias)``, fp32 accumulation, y in x's dtype.
+
+    ``SPLIT_K > 1``: program ``(tile, s)`` reduces over its share of K and stores the fp32 partial
+    (no bias) to ``ws [SPLIT_K, M, N]`` slice ``s``; the wrapper sums the slices.
+    """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # a multiple of BLOCK_K: EVEN_K holds per split
+    k_lo = tl.program_id(1) * k_len
+    k_hi = tl.minimum(K, k_lo + k_len)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rm = offs_m % M  # wrapped rows/cols load valid memory; they are never stored
     rn = offs_n % N
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    q_ptrs = q_ptr + rn[:, None] * K + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
+    q_ptrs = q_ptr + rn[:, None] * K + (k_lo + rk)[None, :]
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + rk)[None, :] < K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = (k0 + rk)[None, :] < k_hi
         if EVEN_K:
             x = tl.load(x_ptrs)
             q = tl.load(q_ptrs)
@@ -185,45 +205,53 @@ def _w8a16_fwd_kernel(
         q_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + tl.program_id(1).to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w8a16_bwd_kernel(
-    dy_ptr, q_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, stride_dym,
+    dy_ptr, q_ptr, s_ptr, z_ptr, dx_ptr, ws_ptr, M, N, K, stride_dym,
     M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """``dx [M, K] = dy [M, N] @ dequant(q [N, K])``: output tiles over (M, K), reduction over N.
 
     Here ``BLOCK_N`` is the output tile along K (W's columns) and ``BLOCK_K`` the reduction
     block along N (W's rows), so the same configs serve both kernels; ``EVEN_K`` means N % 128.
+    ``SPLIT_K > 1`` splits the reduction over N, partials to ``ws [SPLIT_K, M, K]`` (as forward).
     """
     pid_m, pid_c = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    n_len = tl.cdiv(tl.cdiv(N, SPLIT_K), BLOCK_K) * BLOCK_K
+    n_lo = tl.program_id(1) * n_len
+    n_hi = tl.minimum(N, n_lo + n_len)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = W columns
     rr = tl.arange(0, BLOCK_K)  # reduction = W rows
     rm = offs_m % M
     rc = offs_c % K
-    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rr[None, :]
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + (n_lo + rr)[None, :]
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
+    for n0 in range(n_lo, n_hi, BLOCK_K):
         rows = n0 + rr
         q_ptrs = q_ptr + rows[:, None] * K + rc[None, :]
         if EVEN_K:
             dy = tl.load(dy_ptrs)
             q = tl.load(q_ptrs)
         else:
-            rmask = rows[:, None] < N
-            dy = tl.load(dy_ptrs, mask=(rows < N)[None, :], other=0.0)
+            rmask = rows[:, None] < n_hi
+            dy = tl.load(dy_ptrs, mask=(rows < n_hi)[None, :], other=0.0)
             q = tl.load(q_ptrs, mask=rmask, other=0)
         # Rows past N: masked loads (finite), dy is 0 there. Wrapped columns are never stored.
         w = _dequant_tile(q, s_ptr, z_ptr, tl.minimum(rows, N - 1), rc, pid_c * BLOCK_N, K, N * K,
@@ -236,8 +264,13 @@ def _w8a16_bwd_kernel(
         dy_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
-    dx_ptrs = dx_ptr + offs_m[:, None] * K + offs_c[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < K))
+    out_mask = (offs_m[:, None] < M) & (offs_c[None, :] < K)
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + tl.program_id(1).to(tl.int64) * M * K + offs_m[:, None] * K + offs_c[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+    else:
+        dx_ptrs = dx_ptr + offs_m[:, None] * K + offs_c[None, :]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 _KEY = ["M_BUCKET", "N", "K", "GS", "SYMMETRIC"]
@@ -251,10 +284,11 @@ _bwd_tuned = triton.autotune(_SMALL_M + _LARGE_M, key=_KEY, prune_configs_by={"e
 )
 
 
-def _launch(tuned, kernel, args: tuple, m: int, n_out: int, meta: dict) -> None:
+def _launch(tuned, kernel, args: tuple, m: int, n_out: int, meta: dict) -> int:
     """Autotuned launch on a GPU; a fixed config under the interpreter or ``QGL_TRITON_AUTOTUNE=0``.
 
     ``M_BUCKET`` is an ordinary (unspecialized) argument used only as the autotuner's key.
+    Returns the launched config's ``SPLIT_K`` (the autotuner records its pick per call).
     """
     if interpreting() or os.environ.get("QGL_TRITON_AUTOTUNE") == "0":
         if interpreting():
@@ -262,11 +296,32 @@ def _launch(tuned, kernel, args: tuple, m: int, n_out: int, meta: dict) -> None:
         else:
             c = (_SMALL_M if meta["M_BUCKET"] <= 64 else _LARGE_M)[0]
             cfg, opts = dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        cfg.setdefault("SPLIT_K", 1)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         kernel[grid](*args, **meta, **cfg, **opts)
-        return
-    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]),)
+        return cfg["SPLIT_K"]
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]), c["SPLIT_K"])
     tuned[grid](*args, **meta)
+    return tuned.best_config.kwargs["SPLIT_K"]
+
+
+def _workspace(m: int, n_out: int, device: torch.device) -> Tensor:
+    """fp32 ``[MAX_SPLIT_K, m, n_out]`` for split-K partials (decode-sized m only: a few MB).
+    Large-M configs never split, so they get a 1-element placeholder."""
+    if _m_bucket(m) > 64 and not interpreting():
+        return _empty(1, dtype=torch.float32, device=device)
+    return _empty((MAX_SPLIT_K, m, n_out), dtype=torch.float32, device=device)
+
+
+def _reduce_splits(out: Tensor, ws: Tensor, split: int, bias: Tensor | None = None) -> None:
+    """``out = sum(ws[:split]) (+ bias)`` in fp32, rounded once to out's dtype. torch's reduction
+    has no atomics: the same inputs give the same bits."""
+    if split == 1:
+        return
+    acc = ws[:split].sum(0)
+    if bias is not None:
+        acc += bias.float()
+    out.copy_(acc)
 
 
 def dense_min_m() -> int:
@@ -334,8 +389,10 @@ def w8a16_linear_triton(
     meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=k % _K_ALIGN == 0,
                 SYMMETRIC=zero is None, HAS_BIAS=b is not None)  # fmt: skip
     qc = q.contiguous()
-    args = (x2, qc, scale, scale if zero is None else zero, y if b is None else b, y, m, n, k, x2.stride(0))
-    _launch(_fwd_tuned, _w8a16_fwd_kernel, args, m, n, meta)
+    ws = _workspace(m, n, x.device)
+    zp, bp = scale if zero is None else zero, y if b is None else b  # placeholders never read
+    args = (x2, qc, scale, zp, bp, y, ws, m, n, k, x2.stride(0))
+    _reduce_splits(y, ws, _launch(_fwd_tuned, _w8a16_fwd_kernel, args, m, n, meta), b)
     return y.view(*x.shape[:-1], n)
 
 
@@ -363,6 +420,7 @@ def w8a16_grad_input_triton(
         return dx.zero_().view(*dy.shape[:-1], k)
     meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=n % _K_ALIGN == 0,
                 SYMMETRIC=zero is None)  # fmt: skip
-    args = (dy2, q.contiguous(), scale, scale if zero is None else zero, dx, m, n, k, dy2.stride(0))
-    _launch(_bwd_tuned, _w8a16_bwd_kernel, args, m, k, meta)
+    ws = _workspace(m, k, dy.device)
+    args = (dy2, q.contiguous(), scale, scale if zero is None else zero, dx, ws, m, n, k, dy2.stride(0))
+    _reduce_splits(dx, ws, _launch(_bwd_tuned, _w8a16_bwd_kernel, args, m, k, meta))
     return dx.view(*dy.shape[:-1], k)
