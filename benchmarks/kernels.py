@@ -222,11 +222,14 @@ def _int4_case(t: Table, m: int, n: int, r: int, peak: float) -> None:
     cases = [
         ("project, bf16 G", functools.partial(i4.int4_project_triton, g), proj_base),
         ("project_back, fp32 low", functools.partial(i4.int4_project_back_triton, low), back_base),
+        # What QGaLoreAdamW asks for INT8 weights: a bf16 update, half the bytes written.
+        ("project_back, fp32 low, bf16 out",
+         functools.partial(i4.int4_project_back_triton, low, out_dtype=torch.bfloat16), back_base),
     ]
     for name, ours, base in cases:
         base_ms = _bench(base)
         for path in ("fused", "dense"):
-            ms = _bench(functools.partial(ours, packed, s, z, p_shape, 256, side, path))
+            ms = _bench(functools.partial(ours, packed, s, z, p_shape, 256, side, path=path))
             tag = f"{path}, auto" if path == auto else path
             t.add("int4", f"int4 {name} ({tag})", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak, goal,
                   ms <= 1.5 * base_ms, _note(i4._mm_tuned) if path == "fused" else "")  # fmt: skip

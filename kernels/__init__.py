@@ -138,13 +138,15 @@ def int4_project_back(
     p_shape: Sequence[int],
     group_size: int,
     side: str,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Back-projection to ``(m, n)`` through the packed INT4 P, returned in fp32.
+    """Back-projection to ``(m, n)`` through the packed INT4 P: fp32 accumulation, returned in
+    ``out_dtype`` (rounded once).
 
     ``side="right"``: ``low (m, r) @ P (r, n)``; ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
     impl = pick(low, "int4", "int4_project_back", int4_project_back_ref)
-    return impl(low, packed, scale, zero, p_shape, group_size, side)
+    return impl(low, packed, scale, zero, p_shape, group_size, side, out_dtype)
 
 
 # --- INT8-weight linear ----------------------------------------------------------------------------

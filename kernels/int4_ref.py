@@ -144,12 +144,15 @@ def int4_project_back_ref(
     p_shape: Sequence[int],
     group_size: int,
     side: str,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Map a low-rank ``low`` back to the full space through the packed P; fp32 ``(m, n)`` result.
+    """Map a low-rank ``low`` back to the full space through the packed P; ``(m, n)`` result,
+    computed in fp32 and rounded once to ``out_dtype`` (a floating dtype).
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
+    check_float_dtype(out_dtype)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
     check_projection(side, low, tuple(p.shape), back=True)
     low32 = low.to(torch.float32)
-    return low32 @ p if side == "right" else p @ low32
+    return (low32 @ p if side == "right" else p @ low32).to(out_dtype)

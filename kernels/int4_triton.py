@@ -47,7 +47,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ._bench import do_bench
-from ._groups import check_dtype, check_floating, check_group_size, check_projection, check_stats
+from ._groups import (
+    check_dtype,
+    check_float_dtype,
+    check_floating,
+    check_group_size,
+    check_projection,
+    check_stats,
+)
 from .int4_format_triton import (
     dequantize_int4_triton,
     pack_int4_triton,
@@ -149,7 +156,7 @@ def _int4_mm_kernel(
                             EVEN)  # fmt: skip
             acc = tl.dot(d, b.to(d.dtype), acc)
     c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -217,21 +224,26 @@ def _use_dense(path: str, device: torch.device) -> bool:
 
 
 def _dense_matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int,
-                  p_is_a: bool, p_k_contig: bool) -> Tensor:  # fmt: skip
-    """The dense path of ``_matmul``: P dequantized to 16 bits, one cuBLAS product, fp32 out."""
+                  p_is_a: bool, p_k_contig: bool, out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """The dense path of ``_matmul``: P dequantized to 16 bits, one cuBLAS product (fp32
+    accumulation) written in ``out_dtype``."""
     dtype = torch.float16 if dense.dtype == torch.float16 else torch.bfloat16
     p = dequantize_int4_triton(packed, scale, zero, (pr, pc), gs, dtype)
     d16 = dense.to(dtype)
     a, b = ((p if p_k_contig else p.T), d16) if p_is_a else (d16, (p.T if p_k_contig else p))
+    if out_dtype == dtype and dense.is_cuda:
+        return torch.mm(a, b)  # cuBLAS accumulates in fp32 and rounds once
     if _mm_fp32_out(dense.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
     # CPU (tests): products of 16-bit values are exact in fp32, so this is the same math.
-    return a.float() @ b.float()
+    return (a.float() @ b.float()).to(out_dtype)
 
 
 def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: int, n: int, k: int,
-            p_is_a: bool, p_k_contig: bool, path: str = "auto") -> Tensor:  # fmt: skip
-    """``dense`` is A ``[m, k]`` (P is B) or B ``[k, n]`` (P is A); returns fp32 ``[m, n]``.
+            p_is_a: bool, p_k_contig: bool, path: str = "auto",
+            out_dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+    """``dense`` is A ``[m, k]`` (P is B) or B ``[k, n]`` (P is A); returns ``out_dtype [m, n]``
+    (fp32 accumulation, one rounding; the fused kernel writes fp32, bf16 or fp16).
 
     fp32 dense operands are rounded to bf16 in registers for the dot (bf16 tensor cores; tf32
     would need K-major fp32 tiles in shared memory, which Triton cannot always arrange and then
@@ -241,8 +253,11 @@ def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: in
     if dense.dtype not in _DENSE_DTYPES:
         dense = dense.to(torch.float32)
     if m and n and k and gs >= MIN_KERNEL_GROUP and _use_dense(path, dense.device):
-        return _dense_matmul(dense, packed, scale, zero, pr, pc, gs, p_is_a, p_k_contig)
-    out = _empty((m, n), dtype=torch.float32, device=dense.device)
+        return _dense_matmul(dense, packed, scale, zero, pr, pc, gs, p_is_a, p_k_contig, out_dtype)
+    if out_dtype not in _DENSE_DTYPES:  # e.g. fp64: computed in fp32 like every other path
+        out32 = _matmul(dense, packed, scale, zero, pr, pc, gs, m, n, k, p_is_a, p_k_contig, path)
+        return out32.to(out_dtype)
+    out = _empty((m, n), dtype=out_dtype, device=dense.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -252,7 +267,7 @@ def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: in
         d32 = dense.to(torch.float32)
         if p_is_a:
             return out.copy_((p if p_k_contig else p.T) @ d32)
-        return out.copy_(d32 @ (p.T if p_k_contig else p))
+        return out.copy_(d32 @ (p.T if p_k_contig else p))  # copy_ rounds once to out_dtype
     args = (dense, packed, scale, zero, out, m, n, k, dense.stride(0), dense.stride(1), pr, pc)
     meta = dict(GS=gs, P_IS_A=p_is_a, P_K_CONTIG=p_k_contig, PC_DIV_GS=pc % gs == 0, EVEN=pc % 2 == 0,
                 DOT_BF16=dense.dtype == torch.float32 and not interpreting())  # fmt: skip
@@ -307,14 +322,17 @@ def int4_project_back_triton(
     p_shape: Sequence[int],
     group_size: int,
     side: str,
+    out_dtype: torch.dtype = torch.float32,
     path: str = "auto",
 ) -> Tensor:
-    """Map ``low`` back through the packed P; fp32 ``(m, n)`` result.
+    """Map ``low`` back through the packed P; ``(m, n)`` result in ``out_dtype``, fp32 accumulation.
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
-    ``path`` as in ``int4_project_triton``.
+    ``path`` as in ``int4_project_triton``. A bf16 ``out_dtype`` halves the bytes written, the
+    larger part of this product's traffic at small rank (the full ``(m, n)`` output).
     """
     check_group_size(group_size)
+    check_float_dtype(out_dtype)
     check_floating("low", low)
     pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
     check_projection(side, low, (pr, pc), back=True)
@@ -324,7 +342,7 @@ def int4_project_back_triton(
     if side == "right":
         m = low.shape[0]
         return _matmul(low, packed, scale, zero, pr, pc, group_size, m, pc, pr, p_is_a=False,
-                       p_k_contig=False, path=path)  # fmt: skip
+                       p_k_contig=False, path=path, out_dtype=out_dtype)  # fmt: skip
     n = low.shape[1]
     return _matmul(low, packed, scale, zero, pr, pc, group_size, pr, n, pc, p_is_a=True, p_k_contig=True,
-                   path=path)  # fmt: skip
+                   path=path, out_dtype=out_dtype)  # fmt: skip

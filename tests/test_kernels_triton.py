@@ -253,6 +253,24 @@ def test_w8a16_fp16_swap(poison, monkeypatch, swap, m, n, k, gs):
     assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 3e-3
 
 
+@pytest.mark.parametrize("split", [2, 3, 8])
+@pytest.mark.parametrize("m,n,k,gs", [(3, 5, 7, 64), (17, 33, 300, 64), (16, 40, 256, 64), (5, 24, 257, 100)])
+def test_w8a16_split_k(poison, monkeypatch, split, m, n, k, gs):
+    """Split-K partials summed by the wrapper: every split's share (empty trailing ones included,
+    e.g. 8 splits of a 7-long K) and the bias added once."""
+    monkeypatch.setitem(w8a16_triton.INTERPRET_CONFIG, "SPLIT_K", split)
+    q, s, z = int8_ref.quantize_int8_ref(randn(n, k, shift=0.3), gs, False)
+    x, bias, dy = randn(m, k), randn(n), randn(m, n)
+    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, "fused")
+    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, gs, bias)) < F32_TOL
+    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, "fused")
+    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, gs)) < F32_TOL
+    x16 = x.to(torch.float16)  # 16-bit activations: partials stay fp32, one rounding at the end
+    y16 = run2(poison, w8a16_triton.w8a16_linear_triton, x16, q, s, z, gs, bias, "fused")
+    assert y16.dtype == torch.float16
+    assert rel_err(y16, w8a16_ref.w8a16_linear_ref(x16.float(), q, s, z, gs, bias)) < 3e-3
+
+
 def test_w8a16_auto_path_by_token_count(monkeypatch):
     """"auto" dequantizes W and calls torch's matmul from dense_min_m() tokens on, fuses below."""
     calls = []
@@ -313,9 +331,16 @@ def test_int4_projections_fp32(poison, m, n, r, gs, side, path):
     assert low.dtype == torch.float32 and low.shape == low_r.shape
     assert rel_err(low, low_r) < tol
     low_in = randn(*low_r.shape)
-    full = run2(poison, int4_triton.int4_project_back_triton, low_in, packed, s, z, p_shape, gs, side, path)
+    back = int4_triton.int4_project_back_triton
+    full = run2(poison, back, low_in, packed, s, z, p_shape, gs, side, torch.float32, path)
     assert full.shape == (m, n) and full.dtype == torch.float32
-    assert rel_err(full, int4_ref.int4_project_back_ref(low_in, packed, s, z, p_shape, gs, side)) < tol
+    full_r = int4_ref.int4_project_back_ref(low_in, packed, s, z, p_shape, gs, side)
+    assert rel_err(full, full_r) < tol
+    # 16-bit output (what the optimizer asks for INT8 weights): fp32 accumulation, one rounding.
+    # fp16 here: the interpreter has no bf16 arithmetic; CUDA tests cover bf16.
+    half = run2(poison, back, low_in, packed, s, z, p_shape, gs, side, torch.float16, path)
+    assert half.dtype == torch.float16
+    assert rel_err(half, full_r) < max(tol, 2e-3)
 
 
 def test_int4_projection_path_choice(monkeypatch):
@@ -401,8 +426,12 @@ def test_int4_projection_large_cuda(poison, side, dtype, path):
     low = run2(poison, int4_triton.int4_project_triton, g, packed, s, z, p_shape, gs, side, path)
     tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
     assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < tol
-    full = run2(poison, int4_triton.int4_project_back_triton, low, packed, s, z, p_shape, gs, side, path)
-    assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3
+    back = int4_triton.int4_project_back_triton
+    full = run2(poison, back, low, packed, s, z, p_shape, gs, side, torch.float32, path)
+    full_r = int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)
+    assert rel_err(full, full_r) < 3e-3
+    full16 = run2(poison, back, low, packed, s, z, p_shape, gs, side, torch.bfloat16, path)
+    assert full16.dtype == torch.bfloat16 and rel_err(full16, full_r) < 6e-3
 
 
 @pytest.mark.cuda
@@ -465,6 +494,7 @@ def test_int4_every_config_cuda(monkeypatch, idx):
             g = randn(m, n, dtype=torch.bfloat16)
             with _skip_if_too_large():
                 low = int4_triton.int4_project_triton(g, packed, s, z, p_shape, gs, side, "fused")
-                full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side, "fused")
+                full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side,
+                                                            path="fused")
             assert rel_err(low, int4_ref.int4_project_ref(g, packed, s, z, p_shape, gs, side)) < 1e-2
             assert rel_err(full, int4_ref.int4_project_back_ref(low, packed, s, z, p_shape, gs, side)) < 3e-3

@@ -212,3 +212,27 @@ def test_state_dict_resume_gives_identical_losses(tmp_path):
     assert resumed == straight
     # The adaptive schedule (gaps, queues) came back too: it lengthened the gap identically.
     assert opt.subspace_stats()["0.weight"]["gap"] > 3
+
+
+def test_int8_weights_take_a_bf16_update_float_weights_fp32(monkeypatch):
+    """The GaLore update of an INT8 weight is handed over in bf16 (half the bytes; its rounding
+    is far below the INT8 stochastic rounding that follows); a float weight gets fp32."""
+    from qgl.nn import QLinear, quantize_model
+
+    model = quantize_model(_mlp(), target_modules=["0", "2"], group_size=32)
+    seen = []
+    real = QLinear.apply_weight_update_
+
+    def spy(self, delta, decay, seed):
+        seen.append(delta.dtype)
+        return real(self, delta, decay, seed)
+
+    monkeypatch.setattr(QLinear, "apply_weight_update_", spy)
+    groups = make_param_groups(model, rank=4, target_modules=["0", "2", "4"], update_proj_gap=10)
+    opt = QGaLoreAdamW(groups, lr=3e-3)
+    losses = _train(model, opt, _batches(40))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert sum(losses[-5:]) < sum(losses[:5])  # it still learns
+    float_weight = model[4].weight
+    assert opt.state[float_weight]["projector"].project_back(
+        torch.zeros(opt.state[float_weight]["projector"].low_shape)).dtype == torch.float32

@@ -237,7 +237,8 @@ class QLinear(nn.Module):
     def apply_weight_update_(self, delta: Tensor, decay: float, seed: int | None) -> None:
         """``W <- SR(decay * W + delta)`` in place on the INT8 buffers (stochastic rounding).
 
-        delta: fp32 ``[out, in]`` on the weight's device; decay = ``1 - lr * weight_decay``;
+        delta: ``[out, in]`` on the weight's device, fp32 or 16-bit (added in fp32);
+        decay = ``1 - lr * weight_decay``;
         seed: integer keying the random bits (same seed, same result on the same device), or
         None for round-to-nearest, which drops every update smaller than half a step (the
         ablation that shows why stochastic rounding exists).
@@ -258,7 +259,7 @@ class QLinear(nn.Module):
             self.weight_int8,
             self.weight_scale,
             self.weight_zero,
-            delta.float(),
+            delta,
             float(decay),
             self.group_size,
             int(seed),

@@ -138,8 +138,11 @@ class GaLoreProjector:
         g = grad.float()
         return g @ p.T if self.side == "right" else p.T @ g
 
-    def project_back(self, low: Tensor, factor: float = 1.0) -> Tensor:
-        """Full-shape update, fp32, times `scale * factor`: low @ P if right, P @ low if left.
+    def project_back(
+        self, low: Tensor, factor: float = 1.0, out_dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Full-shape update times `scale * factor`: low @ P if right, P @ low if left; computed
+        in fp32, returned in `out_dtype` (rounded once).
 
         The factors are applied to `low` (m x r or r x n), not to the (m, n) result: one pass
         over the small tensor instead of one over the full one.
@@ -149,8 +152,8 @@ class GaLoreProjector:
         p = self._require_basis()
         low = low.float() * (self.scale * float(factor))
         if isinstance(p, Int4Tensor):
-            return p.project_back(low, self.side).float()
-        return low @ p if self.side == "right" else p @ low
+            return p.project_back(low, self.side, out_dtype)
+        return (low @ p if self.side == "right" else p @ low).to(out_dtype)
 
     def basis(self) -> Tensor | None:
         """P as used by the projections (dequantized if stored INT4), fp32, or None before the

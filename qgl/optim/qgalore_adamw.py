@@ -209,8 +209,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         if projector is not None:
             projector.maybe_refresh(grad, step - 1)
             low = projector.project(grad)
-            # -lr rides on the low-rank tensor: no extra pass over the full-size update.
-            delta = projector.project_back(adam_direction(low, state, beta1, beta2, group["eps"], step), -lr)
+            # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
+            # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
+            # below the stochastic rounding onto the INT8 grid that follows, and the (m, n) update
+            # is then written once and read once at half the bytes of fp32.
+            delta_dtype = torch.bfloat16 if owner is not None else torch.float32
+            direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
+            delta = projector.project_back(direction, -lr, delta_dtype)
         elif owner is None:  # plain: in place, in chunks (temporaries O(chunk))
             adam_step_(p, grad, state, lr, decay, beta1, beta2, group["eps"], step)
             return

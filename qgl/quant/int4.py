@@ -70,9 +70,11 @@ class Int4Tensor:
         """fp32 ``g @ P^T`` (``side="right"``, P ``(r, n)``) or ``P^T @ g`` (``"left"``, P ``(m, r)``)."""
         return int4_project(g, self.packed, self.scale, self.zero, self.shape, self.group_size, side)
 
-    def project_back(self, low: Tensor, side: str) -> Tensor:
-        """fp32 ``low @ P`` (``side="right"``) or ``P @ low`` (``"left"``), shape ``(m, n)``."""
-        return int4_project_back(low, self.packed, self.scale, self.zero, self.shape, self.group_size, side)
+    def project_back(self, low: Tensor, side: str, out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """``low @ P`` (``side="right"``) or ``P @ low`` (``"left"``), shape ``(m, n)``, accumulated
+        in fp32 and returned in ``out_dtype``."""
+        return int4_project_back(low, self.packed, self.scale, self.zero, self.shape, self.group_size, side,
+                                 out_dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and ints, loadable by ``torch.load(weights_only=True)``."""
