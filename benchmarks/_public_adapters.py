@@ -17,10 +17,14 @@ which restore the arguments they meant to pass and change none of their math:
   `bitsandbytes.functional` whose two functions take the old lists and pass beta3 = alpha = 0.
 * Their `step` calls `torch.cuda.synchronize()` unconditionally; off CUDA that call is skipped.
 
-q-galore-torch's INT8-weight linear is not in its wheel (only the optimizer is): its optimizer runs
-here on the model's float weights (INT4 projections, adaptive refresh and 8-bit Adam are its own).
+q-galore-torch's INT8-weight linear (`QGaLoreLinear`) is in its source repository, not its wheel:
+`_public_int8.py` re-implements that published simulation (uint8 weights, the gradient in
+`float_grad`), which `PublicGaLoreCallback("q-galore-torch")` swaps in for the GaLore target linears
+(`int8_weights=False`: float weights, as galore-torch's always are). Its optimizer dequantizes,
+updates and re-quantizes them (stochastic rounding); INT4 projections, adaptive refresh too.
 Layer-wise (`layerwise=True`, as GaLore's `*_per_layer` optimizers): one optimizer per parameter,
-stepped from its post-accumulate-grad hook, which frees the gradient.
+stepped from its post-accumulate-grad hook, which frees the gradient; an INT8 weight (no autograd
+gradient, so no such hook) is stepped from `weight.backward_hook`, which its linear's backward calls.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from _public_int8 import int8_modules, is_int8_weight, to_int8  # benchmarks/ is on sys.path
 from torch.optim import Optimizer
 
 from qgl.callbacks.methods import OptimizerSwap
@@ -141,7 +146,9 @@ class PublicDriver(Optimizer):
 
     `layerwise=False`: one package optimizer over all groups, stepped after the closure.
     `layerwise=True`: one per parameter, stepped from its post-accumulate-grad hook (skipped while
-    `defer` is set: micro-batches of an accumulation window), with the lr of this driver's group.
+    `defer` is set: micro-batches of an accumulation window), with the lr of this driver's group;
+    for an INT8 weight (`_public_int8`: uint8, gradient in `float_grad`) the same hook is its
+    `backward_hook` attribute, which its linear's backward calls.
     """
 
     def __init__(self, groups: list[dict[str, Any]], cls: type[Optimizer], layerwise: bool,
@@ -150,6 +157,7 @@ class PublicDriver(Optimizer):
         self.layerwise, self.defer = layerwise, False
         self.inner: list[Optimizer] = []
         self._hooks = []
+        self.int8 = [p for group in self.param_groups for p in group["params"] if is_int8_weight(p)]
         if not layerwise:
             self.inner.append(cls(self.param_groups))
             return
@@ -157,7 +165,10 @@ class PublicDriver(Optimizer):
             for p in group["params"]:
                 opt = cls([{**{k: v for k, v in group.items() if k != "params"}, "params": [p]}])
                 self.inner.append(opt)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(opt, group)))
+                if is_int8_weight(p):  # uint8: post-accumulate-grad hooks never fire on it
+                    p.backward_hook = self._hook(opt, group)
+                else:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(opt, group)))
 
     def _hook(self, opt: Optimizer, group: dict[str, Any]) -> Any:
         def hook(p: torch.Tensor) -> None:
@@ -176,20 +187,31 @@ class PublicDriver(Optimizer):
             with torch.enable_grad():
                 loss = closure()  # backward: the layer-wise hooks step here
         if not self.layerwise:
-            self.inner[0].step()
+            self.inner[0].step()  # INT8 weights: dequantize, update from float_grad, re-quantize
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients and the INT8 weights' `float_grad`, which would otherwise keep accumulating."""
+        super().zero_grad(set_to_none)
+        for p in self.int8:
+            if torch.is_tensor(p.float_grad):
+                p.float_grad = None if set_to_none else p.float_grad.zero_()
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for p in self.int8:
+            p.__dict__.pop("backward_hook", None)
 
     def _states(self) -> Iterator[dict[str, Any]]:
         for opt in self.inner:
             yield from opt.state.values()
 
     def state_nbytes(self) -> dict[str, int]:
-        """Bytes of the 8-bit/32-bit moments (with their absmax) and of the projections (MemoryMonitor)."""
+        """Bytes of the 8-bit/32-bit moments (with their absmax) and of the projections (MemoryMonitor
+        reads these two); of the INT8 weights' uint8 codes (parameters: in MemoryMonitor's `params`)
+        and of their scales and zeros (attributes of the weights: counted nowhere else)."""
         moments = projections = 0
         for state in self._states():
             moments += sum(v.nbytes for k, v in state.items()
@@ -198,7 +220,9 @@ class PublicDriver(Optimizer):
             for name in ("ortho_matrix", "ortho_matrix_scales", "ortho_matrix_zeros"):
                 t = getattr(proj, name, None)
                 projections += t.nbytes if torch.is_tensor(t) else 0
-        return {"moments": moments, "projections": projections}
+        return {"moments": moments, "projections": projections,
+                "int8_codes": sum(p.nbytes for p in self.int8),  # uint8 between steps
+                "int8_scales_zeros": sum(p.scales.nbytes + p.zeros.nbytes for p in self.int8)}
 
     def svd_count(self) -> int:
         """SVDs run: q-galore-torch counts them; galore-torch refreshes at a fixed gap from step 0."""
@@ -217,7 +241,9 @@ def public_driver(package: str, module: torch.nn.Module, q: dict[str, Any], lr: 
     `scale`; q-galore adds INT4 projections of `proj_group_size` when `proj_quant`, and
     `cos_threshold`, `gamma_proj`, `queue_size`), every other trainable parameter in plain 8-bit AdamW
     groups; layer-wise when `q["layerwise"]` (as galore-torch's README: one optimizer a parameter,
-    stepped from its post-accumulate-grad hook). `q`: a `qgl.config` qgalore section as a dict."""
+    stepped from its post-accumulate-grad hook). `q`: a `qgl.config` qgalore section as a dict.
+    If `module` holds `_public_int8.Int8SimLinear`s (`to_int8`: the same target linears), their
+    uint8 weights are that GaLore group."""
     galore = dict(rank=q["rank"], update_proj_gap=q["update_proj_gap"], scale=q["scale"], proj_type="std")
     if package == "q-galore-torch":
         galore.update(quant=q["proj_quant"], quant_n_bit=4, quant_group_size=q["proj_group_size"],
@@ -225,7 +251,14 @@ def public_driver(package: str, module: torch.nn.Module, q: dict[str, Any], lr: 
                       queue_size=q["queue_size"])
     common = dict(lr=lr, betas=betas, eps=eps, user_group=0)
     groups = []
-    for ours in make_param_groups(module, q["rank"], q["target_modules"], q["exclude"],
+    int8 = [m.weight for m in int8_modules(module).values()]
+    if int8:
+        if package != "q-galore-torch":
+            raise ValueError(f"{package} has no INT8-weight mode: only q-galore-torch updates uint8 weights")
+        groups.append(dict(params=int8, weight_decay=weight_decay, **common, **galore))
+    # make_param_groups skips the uint8 weights (requires_grad=False): with INT8 weights it is asked
+    # for plain groups only (rank None), since its GaLore selection would now be empty.
+    for ours in make_param_groups(module, None if int8 else q["rank"], q["target_modules"], q["exclude"],
                                   weight_decay=weight_decay):
         extra = galore if ours["rank"] is not None else {}
         groups.append(dict(params=ours["params"], weight_decay=ours["weight_decay"], **common, **extra))
@@ -237,13 +270,22 @@ class PublicGaLoreCallback(OptimizerSwap):
     weights of the linears matching `target_modules` and not `exclude` at `rank` (GaLore groups:
     `update_proj_gap`, `scale`; q-galore adds INT4 projections of `proj_group_size` when
     `proj_quant`, and `cos_threshold`, `gamma_proj`, `queue_size`); every other trainable parameter
-    in plain 8-bit AdamW groups. lr, betas, eps and weight decay: the module optimizer's."""
+    in plain 8-bit AdamW groups. lr, betas, eps and weight decay: the module optimizer's.
 
-    def __init__(self, package: str, qgalore: dict[str, Any]) -> None:
+    `int8_weights` (default: True for q-galore-torch; galore-torch has no INT8 mode): in `setup`,
+    before Lightning builds the optimizer and moves the model, those linears become
+    `_public_int8.Int8SimLinear`s (uint8 weights in groups of the qgalore section's `group_size`,
+    stochastic rounding), q-galore-torch's published INT8-weight simulation."""
+
+    def __init__(self, package: str, qgalore: dict[str, Any], int8_weights: bool | None = None) -> None:
         super().__init__(self._build)
         if package not in PACKAGES:
             raise ValueError(f"unknown package {package!r}; known: {', '.join(PACKAGES)}")
-        self.package, self.q = package, dict(qgalore)
+        if int8_weights is None:
+            int8_weights = package == "q-galore-torch"
+        if int8_weights and package != "q-galore-torch":
+            raise ValueError(f"{package} has no INT8-weight mode: use int8_weights=False")
+        self.package, self.q, self.int8_weights = package, dict(qgalore), int8_weights
 
     def _build(self, user: Optimizer, device: torch.device) -> Optimizer:
         if len(user.param_groups) != 1:
@@ -253,9 +295,14 @@ class PublicGaLoreCallback(OptimizerSwap):
                              eps=g["eps"], weight_decay=g["weight_decay"])
 
     def setup(self, trainer: Any, pl_module: Any, stage: str = "fit") -> None:
-        if stage == "fit" and self.q.get("layerwise", True) and trainer.gradient_clip_val:
-            raise ValueError("layer-wise public optimizers free each gradient in backward: "
-                             "set trainer.gradient_clip_val=null")
+        layerwise = self.q.get("layerwise", True)
+        if stage == "fit" and trainer.gradient_clip_val and (layerwise or self.int8_weights):
+            why = ("layer-wise public optimizers free each gradient in backward" if layerwise
+                   else "gradient clipping never sees the INT8 weights' gradients (float_grad)")
+            raise ValueError(f"{why}: set trainer.gradient_clip_val=null")
+        if stage == "fit" and self.int8_weights and not int8_modules(pl_module):
+            to_int8(pl_module, self.q["target_modules"], self.q["exclude"],
+                    group_size=self.q.get("group_size", 256))
         self._module = pl_module
         super().setup(trainer, pl_module, stage)
 

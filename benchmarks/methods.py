@@ -10,14 +10,17 @@ checkpoints, a CSV logger and validation once at the end; key=value overrides ap
 The public packages `galore-torch` (GaLoreAdamW8bit) and `q-galore-torch` (QGaLoreAdamW8bit)
 run, when installed (`pip install qgl[bench]`), as method "full" with their optimizer in place of
 the module's (`benchmarks/_public_adapters.py`: bitsandbytes 0.50 argument adapters, no change of
-their math; q-galore-torch on float weights, its INT8 linear is not in its wheel), layer-wise when
-the recipe's `qgalore.layerwise` is (as qgl's galore/qgalore), with the recipe's rank, gap and scale.
+their math), layer-wise when the recipe's `qgalore.layerwise` is (as qgl's galore/qgalore), with the
+recipe's rank, gap and scale. q-galore-torch trains INT8 weights: its wheel has the optimizer but
+not its INT8-weight linear, which `benchmarks/_public_int8.py` re-implements from the published
+`QGaLoreLinear` (uint8 weights in groups of `qgalore.group_size`, stochastic rounding);
+`--public-float-weights` runs it on the model's float weights instead (galore-torch always is).
 
 Columns: peak memory (CUDA: `max_memory_allocated`, the highest step; CPU: the process's peak RSS,
 which only grows over the runs of one process, so rows after the first are upper bounds);
-weights + optimizer states (bytes of parameters, INT8 weights, moments and projections, comparable
-on any device); training tokens/s; mean training loss of the last 10 steps; validation loss and
-perplexity at the end; SVDs run.
+weights + optimizer states (bytes of parameters, INT8 weights with their scales and zeros, moments
+and projections, comparable on any device); training tokens/s; mean training loss of the last 10
+steps; validation loss and perplexity at the end; SVDs run.
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ ALL = (*METHODS, *PACKAGES)
 _MIB = 2**20
 
 
-def _notes(method: str, cfg: Any, device: str) -> str:
+def _notes(method: str, cfg: Any, device: str, public_int8: bool = True) -> str:
     q, lo = cfg.qgalore, cfg.lora
     layerwise = "layer-wise" if q.layerwise else "not layer-wise"
     also = f"; also trained: {', '.join(lo.trainable)}" if lo.trainable else ""
     galore = f"rank {q.rank}, gap {q.update_proj_gap}, scale {q.scale}, {layerwise}"
+    weights = (f"on its INT8-weight simulation (uint8 weights, group {q.group_size}, stochastic rounding, "
+               "re-implemented in benchmarks/_public_int8.py from its published QGaLoreLinear)" if public_int8
+               else "on float weights (--public-float-weights; its INT8 linear is not in the wheel)")
     return {
         "full": "torch AdamW, fp32 master weights",
         "adamw8bit": "bitsandbytes AdamW8bit",
@@ -67,8 +73,8 @@ def _notes(method: str, cfg: Any, device: str) -> str:
         "galore": f"qgl: float weights, fp32 projections, fixed gap, 8-bit moments; {galore}",
         "qgalore": f"qgl: INT8 weights, INT4 projections, adaptive gap, 8-bit moments; {galore}",
         "galore-torch": f"galore-torch 1.0 GaLoreAdamW8bit via the bnb-0.50 adapter; {galore}",
-        "q-galore-torch": "q-galore-torch 1.0 QGaLoreAdamW8bit via the bnb-0.50 adapter, on float weights "
-                          f"(its INT8 linear is not in the wheel); {galore}",
+        "q-galore-torch": f"q-galore-torch 1.0 QGaLoreAdamW8bit via the bnb-0.50 adapter, {weights}; "
+                          f"{galore}",
     }[method]
 
 
@@ -82,20 +88,23 @@ def _overrides(method: str, steps: int, device: str, work: Path) -> list[str]:
 
 def run_method(recipe: str | None, overrides: list[str], method: str, steps: int, device: str, work: Path,
                log: Path | None = None, extra_overrides: Sequence[str] = (),
-               callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+               callbacks: Sequence[Callback] = (), public_int8: bool = True) -> dict[str, Any]:
     """One row: train `method` for `steps` steps and return its numbers (or why it did not run).
 
     The run's output goes to `log` (None: left on stdout/stderr, the traceback of a failure too);
     `extra_overrides` apply after this benchmark's own (e.g. a validation interval); `callbacks`
-    join the run's.
+    join the run's (after the public packages' callback, so their `setup` sees INT8 weights);
+    `public_int8=False`: q-galore-torch on float weights.
     """
     from qgl.lightning.run import run
 
     cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work), *extra_overrides])
-    row: dict[str, Any] = {"method": method, "notes": _notes(method, cfg, device)}
+    int8 = public_int8 and method == "q-galore-torch"
+    row: dict[str, Any] = {"method": method, "notes": _notes(method, cfg, device, int8)}
     if method in PACKAGES and not available(method):
         return {**row, "error": f"not installed (pip install {method}==1.0)"}
-    extra = [PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore))] if method in PACKAGES else []
+    extra = ([PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore), int8_weights=int8)]
+             if method in PACKAGES else [])
     try:
         with contextlib.ExitStack() as stack:
             if log is not None:
@@ -115,12 +124,13 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             torch.cuda.empty_cache()
     parts = summary["memory_parts"]
     svds = summary["svd_total"]
+    states = sum(parts.get(k, 0) for k in ("int8_weights", "params", "optimizer_moments", "projections"))
     if extra:
         svds = extra[0].optimizer.svd_count()
+        # MemoryMonitor counts the uint8 codes (parameters) but not their scales and zeros (attributes).
+        states += extra[0].optimizer.state_nbytes()["int8_scales_zeros"]
     return {**row, "steps": summary["steps"], "peak_mib": (summary["peak_memory_bytes"] or 0) / _MIB,
-            "memory_kind": summary["memory_kind"],
-            "states_mib": sum(parts.get(k, 0) for k in ("int8_weights", "params", "optimizer_moments",
-                                                         "projections")) / _MIB,
+            "memory_kind": summary["memory_kind"], "states_mib": states / _MIB,
             "tokens_per_s": summary["tokens_per_sec"],
             "tokens_per_s_steady": summary.get("tokens_per_sec_after_first_step"),
             "train_loss": summary["train_loss"],
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for the run logs and results.json "
                     "(default: a temporary folder)")
     ap.add_argument("--verbose", action="store_true", help="show each run's output instead of logging it")
+    ap.add_argument("--public-float-weights", action="store_true",
+                    help="q-galore-torch on the model's float weights, not on its INT8-weight simulation")
     ns = ap.parse_args(argv)
     recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if recipe is not None else ns.args
@@ -198,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in ns.methods:
         print(f"[methods] {method} ...", file=sys.stderr, flush=True)
         log = None if ns.verbose else work.resolve() / f"{method}.log"
-        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log))
+        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log,
+                               public_int8=not ns.public_float_weights))
     print()
     print(header(recipe, overrides, ns.steps, ns.device))
     print()
