@@ -15,9 +15,12 @@ Prints one markdown table (device, torch/triton versions, date):
   kernel and dense path, vs a bf16 matmul of the same shape (goal: within 1.5x).
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run), after
-one untimed call that also autotunes; decode-like (M = 16) matmuls are replayed from a CUDA graph
-over enough distinct weights to overflow L2 (no Python launch overhead, no L2 hits), for ours and
-cuBLAS alike. Inputs are random, never zeros.
+one untimed call that also autotunes. Every matmul (W8A16, INT4, ours and cuBLAS alike) is replayed
+from a CUDA graph, so the table holds GPU time, not Python's launch path: the wrappers' checks and
+a Triton launch cost tens of microseconds of host time, as much as a whole 1B-sized product, and a
+plain ``do_bench`` of ops that short times the host (on one machine it doubled some rows). Decode-
+like (M = 16) graphs cycle through enough distinct weights to overflow L2 (no L2 hits). Inputs are
+random, never zeros.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def _w8a16_case(t: Table, model: str, n: int, k: int, m: int, peak: float) -> No
         q, s, _ = int8_ref.quantize_int8_ref(_rand(n, k, dtype=torch.float32), 256, True)
         ws.append((q, s, int8_ref.dequantize_int8_ref(q, s, None, 256, torch.bfloat16)))
     x, dy = _rand(m, k), _rand(m, n)
-    bench = _bench_graph if m <= 64 else (lambda fns: _bench(fns[0]))
+    bench = _bench_graph
     flop, shape, goal = 2 * m * n * k, f"{model} M={m} out={n} in={k}", ">= 0.8x cuBLAS bf16"
     auto = "dense" if m >= wt.dense_min_m() else "fused"
     fwd = lambda q, s, path: wt.w8a16_linear_triton(x, q, s, None, 256, None, path)
@@ -227,9 +230,9 @@ def _int4_case(t: Table, m: int, n: int, r: int, peak: float) -> None:
          functools.partial(i4.int4_project_back_triton, low, out_dtype=torch.bfloat16), back_base),
     ]
     for name, ours, base in cases:
-        base_ms = _bench(base)
+        base_ms = _bench_graph([base])
         for path in ("fused", "dense"):
-            ms = _bench(functools.partial(ours, packed, s, z, p_shape, 256, side, path=path))
+            ms = _bench_graph([functools.partial(ours, packed, s, z, p_shape, 256, side, path=path)])
             tag = f"{path}, auto" if path == auto else path
             t.add("int4", f"int4 {name} ({tag})", shape, ms, base_ms, flop / ms / 1e9, "TFLOP/s", peak, goal,
                   ms <= 1.5 * base_ms, _note(i4._mm_tuned) if path == "fused" else "")  # fmt: skip

@@ -212,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         log = None if ns.verbose else work.resolve() / f"{method}.log"
         rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log,
                                public_int8=not ns.public_float_weights))
+        # After every row: a run cut short (a time limit) keeps the rows it finished.
+        (work / "results.json").write_text(json.dumps(rows, indent=1))
+        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print()
     print(header(recipe, overrides, ns.steps, ns.device))
     print()
     print(table(rows))
-    (work / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\nlogs and results.json: {work}")
     failed = [r["method"] for r in rows if "error" in r and not r["error"].startswith("not installed")]
     return 1 if failed else 0
