@@ -8,8 +8,10 @@ Both kernels load W tiles as int8 (half the bytes of bf16), dequantize them in r
 like the reference (``(q - zero) * scale`` in fp32, rounded once to the activation dtype) and
 accumulate in fp32 with ``tl.dot`` (fp32 activations: tf32 tensor cores, Triton's default).
 
-- fast path: ``in % group_size == 0`` and ``group_size % BLOCK_K == 0`` -> a K tile of a W row
-  lies in one group, the scales are a ``[BLOCK_N]`` vector per tile (one load per row);
+- fast path: ``BLOCK_K`` divides both ``in`` and ``group_size`` -> a K tile of a W row starts at a
+  flat offset that is a multiple of ``BLOCK_K`` and group boundaries are multiples of it too, so the
+  tile lies in one group (also when groups span rows, e.g. LLaMA-1B's in = 5504 = 21.5 groups of
+  256): the scales are a ``[BLOCK_N]`` vector per tile (one load per row);
 - general path: per element, a select among the few group vectors a tile row spans (any shape,
   groups >= ``MIN_KERNEL_GROUP``; tinier groups dequantize W and use torch's matmul).
 
@@ -101,6 +103,12 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c in _SMALL_M) == small] or list(configs)
 
 
+def _pow2_divisor(k: int) -> int:
+    """The largest power of two dividing ``k``, capped at 1024 (above every block size): with the
+    group size, it tells whether a block-aligned tile row can cross a group boundary."""
+    return min(k & -k, 1024) if k else 1024
+
+
 def _m_bucket(m: int) -> int:
     """Autotuning key for the token count: powers of two up to 4096 (decode M changes often)."""
     return min(triton.next_power_of_2(max(m, 1)), 4096)
@@ -162,7 +170,7 @@ def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w8a16_fwd_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm,
-    M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
+    M_BUCKET, GS: tl.constexpr, K_P2: tl.constexpr, EVEN_K: tl.constexpr,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -196,7 +204,8 @@ def _w8a16_fwd_kernel(
             x = tl.load(x_ptrs, mask=kmask, other=0.0)
             q = tl.load(q_ptrs, mask=kmask, other=0)
         w = _dequant_tile(q, s_ptr, z_ptr, rn, k0 + rk, k0, K, N * K,
-                          K_DIV_GS and (GS % BLOCK_K == 0), SYMMETRIC, GS, BLOCK_K).to(x.dtype)  # fmt: skip
+                          (K_P2 % BLOCK_K == 0) and (GS % BLOCK_K == 0), SYMMETRIC, GS,
+                          BLOCK_K).to(x.dtype)  # fmt: skip
         if SWAP:  # noqa: SIM108 (a compile-time branch: Triton specializes it away)
             acc = tl.dot(w, tl.trans(x), acc)
         else:
@@ -218,7 +227,7 @@ def _w8a16_fwd_kernel(
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w8a16_bwd_kernel(
     dy_ptr, q_ptr, s_ptr, z_ptr, dx_ptr, ws_ptr, M, N, K, stride_dym,
-    M_BUCKET, GS: tl.constexpr, K_DIV_GS: tl.constexpr, EVEN_K: tl.constexpr,
+    M_BUCKET, GS: tl.constexpr, K_P2: tl.constexpr, EVEN_K: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -255,7 +264,7 @@ def _w8a16_bwd_kernel(
             q = tl.load(q_ptrs, mask=rmask, other=0)
         # Rows past N: masked loads (finite), dy is 0 there. Wrapped columns are never stored.
         w = _dequant_tile(q, s_ptr, z_ptr, tl.minimum(rows, N - 1), rc, pid_c * BLOCK_N, K, N * K,
-                          K_DIV_GS and (GS % BLOCK_N == 0), SYMMETRIC, GS,
+                          (K_P2 % BLOCK_N == 0) and (GS % BLOCK_N == 0), SYMMETRIC, GS,
                           BLOCK_N).to(dy.dtype)  # fmt: skip
         if SWAP:  # noqa: SIM108 (a compile-time branch)
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc)
@@ -386,7 +395,7 @@ def w8a16_linear_triton(
             y += bias.to(x.dtype)
         return y.view(*x.shape[:-1], n)
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=k % _K_ALIGN == 0,
+    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_P2=_pow2_divisor(k), EVEN_K=k % _K_ALIGN == 0,
                 SYMMETRIC=zero is None, HAS_BIAS=b is not None)  # fmt: skip
     qc = q.contiguous()
     ws = _workspace(m, n, x.device)
@@ -418,7 +427,7 @@ def w8a16_grad_input_triton(
         return dx.view(*dy.shape[:-1], k)
     if n == 0:
         return dx.zero_().view(*dy.shape[:-1], k)
-    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_DIV_GS=k % group_size == 0, EVEN_K=n % _K_ALIGN == 0,
+    meta = dict(M_BUCKET=_m_bucket(m), GS=group_size, K_P2=_pow2_divisor(k), EVEN_K=n % _K_ALIGN == 0,
                 SYMMETRIC=zero is None)  # fmt: skip
     ws = _workspace(m, k, dy.device)
     args = (dy2, q.contiguous(), scale, scale if zero is None else zero, dx, ws, m, n, k, dy2.stride(0))

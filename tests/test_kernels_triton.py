@@ -214,11 +214,14 @@ def test_int8_update_seeds():
 # --- W8A16 matmuls ------------------------------------------------------------------------------------
 
 # (tokens, out, in, group): group spanning rows (in < group), in not a multiple of the group or
-# of the block, the fast path (in % group == 0, group % BLOCK_K == 0), a tiny group.
+# of the block, the fast path (BLOCK_K divides in and the group), also with groups spanning rows
+# (in = 1.5 groups, as LLaMA-1B's 5504 = 21.5 x 256), a tiny group.
 W8_SHAPES = [
     (3, 5, 7, 64),
     (17, 33, 300, 64),
     (16, 40, 256, 64),
+    (7, 24, 384, 256),
+    (5, 12, 96, 64),
     (5, 24, 257, 100),
     (9, 64, 128, 256),
     (4, 6, 9, 4),
@@ -470,8 +473,10 @@ def test_w8a16_every_config_cuda(monkeypatch, idx):
     monkeypatch.setenv("QGL_TRITON_AUTOTUNE", "0")
     monkeypatch.setattr(w8a16_triton, "_SMALL_M", [cfg])
     monkeypatch.setattr(w8a16_triton, "_LARGE_M", [cfg])
-    # fast path (in % group == 0) and general path (groups spanning rows), both M buckets
-    for m, n, k, gs, sym in [(300, 520, 1024, 256, True), (40, 260, 1000, 128, False)]:
+    # fast path (in % group == 0; groups spanning rows with in % 128 == 0) and general path, both
+    # M buckets
+    for m, n, k, gs, sym in [(300, 520, 1024, 256, True), (33, 136, 640, 256, False),
+                             (40, 260, 1000, 128, False)]:  # fmt: skip
         q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, sym)
         x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
         with _skip_if_too_large():
