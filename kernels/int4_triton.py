@@ -24,7 +24,7 @@ A P tile is loaded as ``[rows, cols]`` along P's own layout (contiguous columns:
 half the tile, split into nibbles and interleaved back when P's row length is even), then
 transposed as the matmul needs. Fast path: P's row length divisible by the group and the tile's
 column extent dividing the group -> one (scale, zero) per tile row. Else a few group vectors per
-row are selected per element (see ``w8a16_triton._group_scales``; groups < 32 elements: dequantize
+row are selected per element (see ``_tiles.group_scales``; groups < 32 elements: dequantize
 P, then torch's matmul). The dot runs on bf16 (or fp16) tensor cores with fp32 accumulation: fp32
 dense operands are rounded to bf16 in registers (2**-9 relative, far below the INT4 step of P).
 
@@ -55,6 +55,7 @@ from ._groups import (
     check_projection,
     check_stats,
 )
+from ._tiles import group_scales, swizzle
 from .int4_format_triton import (
     dequantize_int4_triton,
     pack_int4_triton,
@@ -62,7 +63,7 @@ from .int4_format_triton import (
     unpack_int4_triton,
 )
 from .int8_triton import check_device, check_numel, interpreting
-from .w8a16_triton import MIN_KERNEL_GROUP, _group_scales, _swizzle
+from .w8a16_triton import MIN_KERNEL_GROUP
 
 __all__ = [
     "quantize_int4_triton",
@@ -107,7 +108,7 @@ def _p_tile(p_ptr, s_ptr, z_ptr, rows, col0, PR, PC, CT: tl.constexpr, GS: tl.co
         g = (rows_c * PC + col0) // GS
         w = (q.to(tl.float32) - tl.load(z_ptr + g)[:, None]) * tl.load(s_ptr + g)[:, None]
     else:
-        s, z = _group_scales(s_ptr, z_ptr, rows_c, cols, col0, PC, PR * PC, CT, GS, False)
+        s, z = group_scales(s_ptr, z_ptr, rows_c, cols, col0, PC, PR * PC, CT, GS, False)
         w = (q.to(tl.float32) - z) * s
     return tl.where(mask, w, 0.0)
 
@@ -126,7 +127,7 @@ def _int4_mm_kernel(
     ``[M, K]``. C is contiguous. DOT_BF16: both operands are rounded to bf16 for the tensor cores
     (fp32 dense operands; see ``_matmul``), else P takes the dense operand's dtype.
     """
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)

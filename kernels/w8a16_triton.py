@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ._bench import do_bench
 from ._groups import check_floating, check_group_size, check_stats
+from ._tiles import group_scales, swizzle
 from .int8_triton import check_device, check_numel, dequantize_int8_triton, interpreting
 from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
 
@@ -115,39 +116,6 @@ def _m_bucket(m: int) -> int:
 
 
 @triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped program order: GROUP_M row-tiles share each column tile while it is in L2."""
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
-
-
-@triton.jit
-def _group_scales(s_ptr, z_ptr, rows, cols, col0, K, NK, C: tl.constexpr, GS: tl.constexpr,
-                  SYMMETRIC: tl.constexpr):  # fmt: skip
-    """Per-element ``(scale, zero)`` ``[R, C]`` of W at ``rows [R]`` x ``cols [C]``, ``NK`` = numel.
-
-    A tile row covers C consecutive flat elements, hence at most ``(C - 1) // GS + 2`` groups:
-    load those few ``[R]`` vectors and select per element. (A per-element gather would be
-    software-pipelined into shared memory as an ``[R, C]`` fp32 buffer per stage: too large.)
-    The wrappers send groups smaller than ``MIN_KERNEL_GROUP`` elsewhere, so that at most 9 vectors
-    are loaded. Entries outside the tile's rows' span (wrapped or masked columns) get 0.
-    """
-    g0 = (rows * K + col0) // GS
-    j = (rows[:, None] * K + cols[None, :]) // GS - g0[:, None]
-    last = (NK - 1) // GS
-    s = tl.zeros((rows.shape[0], C), dtype=tl.float32)
-    z = tl.zeros((rows.shape[0], C), dtype=tl.float32)
-    for t in tl.static_range((C - 1) // GS + 2):
-        gt = tl.minimum(g0 + t, last)
-        s = tl.where(j == t, tl.load(s_ptr + gt)[:, None], s)
-        if not SYMMETRIC:
-            z = tl.where(j == t, tl.load(z_ptr + gt)[:, None], z)
-    return s, z
-
-
-@triton.jit
 def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
                   SYMMETRIC: tl.constexpr, GS: tl.constexpr, C: tl.constexpr):  # fmt: skip
     """fp32 ``(q - zero) * scale`` of an int8 tile ``q [R, C]`` of W at ``rows [R]`` x ``cols [C]``.
@@ -161,7 +129,7 @@ def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
         if SYMMETRIC:
             return q.to(tl.float32) * s
         return (q.to(tl.float32) - tl.load(z_ptr + g)[:, None]) * s
-    s, z = _group_scales(s_ptr, z_ptr, rows, cols, col0, K, NK, C, GS, SYMMETRIC)
+    s, z = group_scales(s_ptr, z_ptr, rows, cols, col0, K, NK, C, GS, SYMMETRIC)
     if SYMMETRIC:
         return q.to(tl.float32) * s
     return (q.to(tl.float32) - z) * s
@@ -180,7 +148,7 @@ def _w8a16_fwd_kernel(
     ``SPLIT_K > 1``: program ``(tile, s)`` reduces over its share of K and stores the fp32 partial
     (no bias) to ``ws [SPLIT_K, M, N]`` slice ``s``; the wrapper sums the slices.
     """
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # a multiple of BLOCK_K: EVEN_K holds per split
     k_lo = tl.program_id(1) * k_len
     k_hi = tl.minimum(K, k_lo + k_len)
@@ -238,7 +206,7 @@ def _w8a16_bwd_kernel(
     block along N (W's rows), so the same configs serve both kernels; ``EVEN_K`` means N % 128.
     ``SPLIT_K > 1`` splits the reduction over N, partials to ``ws [SPLIT_K, M, K]`` (as forward).
     """
-    pid_m, pid_c = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    pid_m, pid_c = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     n_len = tl.cdiv(tl.cdiv(N, SPLIT_K), BLOCK_K) * BLOCK_K
     n_lo = tl.program_id(1) * n_len
     n_hi = tl.minimum(N, n_lo + n_len)
