@@ -1,4 +1,5 @@
-"""Triton kernels against their plain-torch references.
+"""Triton kernels against their plain-torch references: INT8 and INT4 formats, the fused INT8 update,
+INT4 projections, dispatch (the W8A16 matmuls: test_kernels_w8a16.py).
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) on small shapes, several
 not divisible by the block or group size; on a GPU the same tests run compiled, plus the
@@ -9,7 +10,6 @@ poisons: an element a kernel forgot to write differs between the runs or from th
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -17,72 +17,32 @@ import torch
 
 pytest.importorskip("triton")
 
+from _kernel_checks import (  # noqa: E402
+    CUDA,
+    DEV,
+    F32_TOL,
+    on_cpu,
+    poison_triton_outputs,
+    randn,
+    rel_err,
+    run2,
+    skip_if_too_large,
+)
+
 from qgl.kernels import (  # noqa: E402
     _dispatch,
-    int4_format_triton,
     int4_ref,
     int4_triton,
     int8_ref,
     int8_triton,
-    w8a16_ref,
     w8a16_triton,
 )
-
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-# fp32 matmuls: exact fp32 in the interpreter; tf32 tensor cores on a GPU.
-F32_TOL = 3e-3 if CUDA else 1e-5
 
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Garbage-fill every output the Triton modules allocate; ``poison.round`` picks the garbage."""
-
-    class State:
-        round = 0
-
-    def empty(*shape, dtype=None, device=None, **kwargs):
-        t = torch.empty(*shape, dtype=dtype, device=device, **kwargs)
-        if t.is_floating_point():
-            return t.fill_(float("nan") if State.round == 0 else 3.0e4)
-        if t.dtype == torch.uint8:
-            return t.fill_(0xA5 if State.round == 0 else 0x5A)
-        return t.fill_(-77 if State.round == 0 else 93)
-
-    for mod in (int8_triton, int4_format_triton, int4_triton, w8a16_triton):
-        monkeypatch.setattr(mod, "_empty", empty)
-    return State
-
-
-def run2(state, fn, *args):
-    """``fn(*args)`` with both poisons; the results must be identical. Returns the first."""
-    outs = []
-    for r in (0, 1):
-        state.round = r
-        outs.append(fn(*args))
-    first, second = (o if isinstance(o, tuple) else (o,) for o in outs)
-    for a, b in zip(first, second, strict=True):
-        if a is not None:
-            assert torch.equal(a, b), "an output element depends on the poison: it was never written"
-    return outs[0]
-
-
-def on_cpu(fn, *args):
-    """A reference computed on CPU, result on DEV: exact IEEE division there, while torch on CUDA
-    divides by a Python scalar through its reciprocal (scales 1 ulp off at times)."""
-    out = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
-    back = lambda o: o.to(DEV) if isinstance(o, torch.Tensor) else o
-    return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite output"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, device=DEV) * scale + shift).to(dtype)
+    """Poisoned outputs of the Triton modules (``_kernel_checks.poison_triton_outputs``)."""
+    return poison_triton_outputs(monkeypatch)
 
 
 SHAPES_GS = [((3, 5), 64), ((17, 300), 64), ((17, 300), 100), ((64, 257), 256), ((2, 3, 40), 7)]
@@ -211,88 +171,6 @@ def test_int8_update_seeds():
     assert not torch.equal(outs["a"], outs["big"])
 
 
-# --- W8A16 matmuls ------------------------------------------------------------------------------------
-
-# (tokens, out, in, group): group spanning rows (in < group), in not a multiple of the group or
-# of the block, the fast path (BLOCK_K divides in and the group), also with groups spanning rows
-# (in = 1.5 groups, as LLaMA-1B's 5504 = 21.5 x 256), a tiny group.
-W8_SHAPES = [
-    (3, 5, 7, 64),
-    (17, 33, 300, 64),
-    (16, 40, 256, 64),
-    (7, 24, 384, 256),
-    (5, 12, 96, 64),
-    (5, 24, 257, 100),
-    (9, 64, 128, 256),
-    (4, 6, 9, 4),
-]
-
-
-@pytest.mark.parametrize("m,n,k,gs", W8_SHAPES)
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("path", ["fused", "dense"])
-def test_w8a16_fp32(poison, m, n, k, gs, symmetric, path):
-    q, s, z = int8_ref.quantize_int8_ref(randn(n, k, shift=0.0 if symmetric else 0.3), gs, symmetric)
-    x, bias, dy = randn(2, m, k), randn(n), randn(2, m, n)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, path)
-    assert y.shape == (2, m, n) and y.dtype == x.dtype
-    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, gs, bias)) < F32_TOL
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, path)
-    assert dx.shape == (2, m, k) and dx.dtype == dy.dtype
-    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, gs)) < F32_TOL
-
-
-@pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("m,n,k,gs", [(17, 33, 300, 64), (16, 40, 256, 64)])
-def test_w8a16_fp16_swap(poison, monkeypatch, swap, m, n, k, gs):
-    monkeypatch.setitem(w8a16_triton.INTERPRET_CONFIG, "SWAP", swap)
-    q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, False)
-    x, dy = randn(m, k, dtype=torch.float16), randn(m, n, dtype=torch.float16)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, None)
-    assert y.dtype == torch.float16
-    x32 = x.float()
-    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x32, q, s, z, gs)) < 3e-3
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs)
-    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 3e-3
-
-
-@pytest.mark.parametrize("split", [2, 3, 8])
-@pytest.mark.parametrize("m,n,k,gs", [(3, 5, 7, 64), (17, 33, 300, 64), (16, 40, 256, 64), (5, 24, 257, 100)])
-def test_w8a16_split_k(poison, monkeypatch, split, m, n, k, gs):
-    """Split-K partials summed by the wrapper: every split's share (empty trailing ones included,
-    e.g. 8 splits of a 7-long K) and the bias added once."""
-    monkeypatch.setitem(w8a16_triton.INTERPRET_CONFIG, "SPLIT_K", split)
-    q, s, z = int8_ref.quantize_int8_ref(randn(n, k, shift=0.3), gs, False)
-    x, bias, dy = randn(m, k), randn(n), randn(m, n)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, "fused")
-    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, gs, bias)) < F32_TOL
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, "fused")
-    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, gs)) < F32_TOL
-    x16 = x.to(torch.float16)  # 16-bit activations: partials stay fp32, one rounding at the end
-    y16 = run2(poison, w8a16_triton.w8a16_linear_triton, x16, q, s, z, gs, bias, "fused")
-    assert y16.dtype == torch.float16
-    assert rel_err(y16, w8a16_ref.w8a16_linear_ref(x16.float(), q, s, z, gs, bias)) < 3e-3
-
-
-def test_w8a16_auto_path_by_token_count(monkeypatch):
-    """"auto" dequantizes W and calls torch's matmul from dense_min_m() tokens on, fuses below."""
-    calls = []
-    real = w8a16_triton.dequantize_int8_triton
-    monkeypatch.setattr(w8a16_triton, "dequantize_int8_triton", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("QGL_W8A16_DENSE_MIN_M", "8")
-    q, s, z = int8_ref.quantize_int8_ref(randn(24, 64), 64, True)
-    for m, dense in [(7, False), (8, True), (40, True)]:
-        calls.clear()
-        x, dy = randn(m, 64), randn(m, 24)
-        y = w8a16_triton.w8a16_linear_triton(x, q, s, z, 64)
-        dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, 64)
-        assert len(calls) == (2 if dense else 0), m
-        assert rel_err(y, w8a16_ref.w8a16_linear_ref(x, q, s, z, 64)) < F32_TOL
-        assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, 64)) < F32_TOL
-    with pytest.raises(ValueError, match="path must be one of"):
-        w8a16_triton.w8a16_linear_triton(x, q, s, z, 64, path="cublas")
-
-
 # --- INT4 format and projections ---------------------------------------------------------------------
 
 
@@ -403,21 +281,6 @@ def test_dispatch_selects_triton_on_cuda(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [16, 1000])
-@pytest.mark.parametrize(
-    "n,k,gs,symmetric", [(2048, 2048, 256, True), (1000, 1536, 128, False), (384, 1000, 256, True)]
-)
-@pytest.mark.parametrize("path", ["fused", "dense"])
-def test_w8a16_bf16_cuda(poison, m, n, k, gs, symmetric, path):
-    q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, symmetric)
-    x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
-    y = run2(poison, w8a16_triton.w8a16_linear_triton, x, q, s, z, gs, bias, path)
-    assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
-    dx = run2(poison, w8a16_triton.w8a16_grad_input_triton, dy, q, s, z, gs, path)
-    assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["fused", "dense"])
@@ -451,39 +314,6 @@ def test_int8_large_cuda(poison):
     assert ((got >= (x - 1e-4).floor()) & (got <= (x + 1e-4).ceil())).all()
 
 
-_W8_CONFIGS = w8a16_triton._SMALL_M + w8a16_triton._LARGE_M
-
-
-@contextlib.contextmanager
-def _skip_if_too_large():
-    """A config whose tiles exceed the GPU's shared memory is skipped by the autotuner too."""
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        yield
-    except OutOfResources as err:
-        pytest.skip(f"config does not fit this GPU: {err}")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("idx", range(len(_W8_CONFIGS)))
-def test_w8a16_every_config_cuda(monkeypatch, idx):
-    """Each autotuner config is correct on its own (the tuner would pick a wrong-but-fast one)."""
-    cfg = _W8_CONFIGS[idx]
-    monkeypatch.setenv("QGL_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(w8a16_triton, "_SMALL_M", [cfg])
-    monkeypatch.setattr(w8a16_triton, "_LARGE_M", [cfg])
-    # fast path (in % group == 0; groups spanning rows with in % 128 == 0) and general path, both
-    # M buckets
-    for m, n, k, gs, sym in [(300, 520, 1024, 256, True), (33, 136, 640, 256, False),
-                             (40, 260, 1000, 128, False)]:  # fmt: skip
-        q, s, z = int8_ref.quantize_int8_ref(randn(n, k), gs, sym)
-        x, dy, bias = randn(m, k, dtype=torch.bfloat16), randn(m, n, dtype=torch.bfloat16), randn(n)
-        with _skip_if_too_large():
-            y = w8a16_triton.w8a16_linear_triton(x, q, s, z, gs, bias, path="fused")
-            dx = w8a16_triton.w8a16_grad_input_triton(dy, q, s, z, gs, path="fused")
-        assert rel_err(y, w8a16_ref.w8a16_linear_ref(x.float(), q, s, z, gs, bias)) < 1e-2
-        assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy.float(), q, s, z, gs)) < 1e-2
 
 
 @pytest.mark.cuda
@@ -497,7 +327,7 @@ def test_int4_every_config_cuda(monkeypatch, idx):
             p_shape = (r, n) if side == "right" else (m, r)
             packed, s, z = int4_ref.quantize_int4_ref(randn(*p_shape), gs)
             g = randn(m, n, dtype=torch.bfloat16)
-            with _skip_if_too_large():
+            with skip_if_too_large():
                 low = int4_triton.int4_project_triton(g, packed, s, z, p_shape, gs, side, "fused")
                 full = int4_triton.int4_project_back_triton(low, packed, s, z, p_shape, gs, side,
                                                             path="fused")
