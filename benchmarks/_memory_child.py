@@ -117,6 +117,37 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.Ten
     return loss.detach()
 
 
+Record = tuple[int, str, int]  # (step index, "start" / "before NAME" / "after NAME" / "end", max allocated)
+
+
+def trace_updates(opt: torch.optim.Optimizer, records: list[Record], step: list[int]) -> None:
+    """Record `torch.cuda.max_memory_allocated` around each layer-wise update of a qgl optimizer
+    (`opt.update_param`, which the backward hooks call): where in the step the peak was reached, to
+    a pair of consecutive updates. `step[0]` is the current step index (the caller advances it)."""
+    real = opt.update_param
+
+    def update_param(p: torch.Tensor) -> None:
+        name = opt.param_name(p)
+        records.append((step[0], f"before {name}", torch.cuda.max_memory_allocated()))
+        real(p)
+        records.append((step[0], f"after {name}", torch.cuda.max_memory_allocated()))
+
+    opt.update_param = update_param
+
+
+def locate_peak(records: list[Record], peak: int) -> str | None:
+    """Where the running maximum first reached `peak`: "step S: between A and B" for the first record
+    B at or above it and the record A before it (`records` as `trace_updates` leaves them, with
+    "start"/"end" marks per step; the maximum is reset between some steps, never within one)."""
+    prev = None
+    for step, label, value in records:
+        if value >= peak:
+            since = prev[1] if prev is not None and prev[0] == step else "start"
+            return f"step {step + 1}: between {since} and {label}"
+        prev = (step, label, value)
+    return None
+
+
 def _progress(message: str) -> None:
     """A line on stderr: what the parent reports if this process runs out of time."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -175,6 +206,10 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
         row["build_s"] = time.perf_counter() - t0
         _progress(f"built in {row['build_s']:.1f} s, {torch.cuda.memory_allocated(device) / GIB:.2f} GiB")
         row["resident_bytes"] = torch.cuda.memory_allocated(device)
+        records: list[Record] = []
+        step_ref = [0]
+        if hasattr(opt, "update_param") and hasattr(opt, "param_name"):
+            trace_updates(opt, records, step_ref)
         gen = torch.Generator(device=device).manual_seed(0)
         data = torch.randint(0, net.config.vocab_size, (batch, seq + 1), device=device, generator=gen)
         mark(phase)
@@ -186,7 +221,10 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
                 start = time.perf_counter()
             t = time.perf_counter()
             _progress(f"step {step + 1} of {steps} running")
+            step_ref[0] = step
+            records.append((step, "start", torch.cuda.max_memory_allocated(device)))
             loss = train_step(net, opt, data)
+            records.append((step, "end", torch.cuda.max_memory_allocated(device)))
             if step == 0:
                 torch.cuda.synchronize(device)
                 row["first_step_s"] = time.perf_counter() - t
@@ -209,5 +247,7 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
         mark(phase)
     row.update(peaks)
     row["peak_bytes"] = max(peaks.values())
+    if row["status"] == "ok" and phase != "build":
+        row["peak_at"] = locate_peak(records, row["peak_bytes"])
     row["peak_reserved_bytes"] = max(reserved)
     return row

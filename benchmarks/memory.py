@@ -11,7 +11,9 @@ Every (model, method) runs in its own process (`--one`, `benchmarks/_memory_chil
 and an out-of-memory error or a `--timeout` ends one row ("OOM", "timeout"), not the table. Same batch
 and sequence length for all, bf16 parameters, activation checkpointing, random tokens, `--steps`
 steps; peak = `torch.cuda.max_memory_allocated` over the model's build and the steps; tokens/s over
-the steps after the first `--warmup` (the first step runs every layer's SVD). The qgl rows show
+the steps after the first `--warmup` (the first step runs every layer's SVD). qgl rows also say where
+in the steps the peak came, to a pair of consecutive layer-wise updates (`peak in step S: between A
+and B`). The qgl rows show
 `qgl plan`'s prediction (`qgl.plan.plan_memory`, same settings) and measured / predicted. Rank,
 learning rate and Q-GaLore settings are the recipes' (`recipes/pretrain/llama_<model>.yaml`); so is
 the SVD (`--svd` replaces it, and the header says so).
@@ -186,8 +188,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = (f"{r['peak_bytes'] / r['predicted_bytes']:.2f}" if r["status"] == "ok"
                  and r.get("predicted_bytes") else "-")
-        notes = r.get("error", "") if r["status"] != "ok" else (
-            f"rank {r['rank']}, {r['svds']} SVDs ({r['svd_method']})" if r.get("svds") else "")
+        notes = r.get("error", "") if r["status"] != "ok" else _notes(r)
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "-"
@@ -195,6 +196,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{_gib(r.get('predicted_bytes'))} | {ratio} | {_gib(r.get('peak_reserved_bytes'))} | "
                      f"{tps} | {first} | {notes} |")
     return "\n".join(lines + _offload_lines(rows) + _cap_lines(rows))
+
+
+def _notes(r: dict[str, Any]) -> str:
+    """Rank and SVDs of a GaLore row; where in the steps the peak came (`_memory_child.locate_peak`)."""
+    parts = [f"rank {r['rank']}, {r['svds']} SVDs ({r['svd_method']})"] if r.get("svds") else []
+    if r.get("peak_at"):
+        parts.append(f"peak in {r['peak_at']}")
+    return "; ".join(parts)
 
 
 def _offload_lines(rows: list[dict[str, Any]]) -> list[str]:

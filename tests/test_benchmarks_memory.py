@@ -173,3 +173,43 @@ def test_every_method_builds_and_trains_on_cpu(memory, method, one_thread):
     data = torch.randint(0, net.config.vocab_size, (2, 33))
     losses = [float(train_step(net, opt, data)) for _ in range(3)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_locate_peak_names_the_updates_around_it(memory):
+    import _memory_child as child
+
+    records = [(0, "start", 10), (0, "before head", 12), (0, "after head", 30), (0, "end", 30),
+               (1, "start", 5), (1, "before head", 20), (1, "after head", 35), (1, "before blk", 40),
+               (1, "after blk", 40), (1, "end", 40)]
+    assert child.locate_peak(records, 30) == "step 1: between before head and after head"
+    assert child.locate_peak(records, 40) == "step 2: between after head and before blk"
+    assert child.locate_peak(records, 35) == "step 2: between before head and after head"
+    assert child.locate_peak([(0, "end", 5), (1, "start", 5), (1, "before head", 50)], 50) == (
+        "step 2: between start and before head")
+    assert child.locate_peak(records, 41) is None
+    where = "step 2: between after head and before blk"
+    row = _row("7b", "qgl", peak=40 * GIB, rank=1024, svds=224, peak_at=where)
+    assert f"rank 1024, 224 SVDs (full); peak in {where}" in memory.table([row])
+
+
+def test_trace_updates_records_every_layerwise_update(memory, monkeypatch, one_thread):
+    """The tracer sees each parameter's update once per step, around the optimizer's own update."""
+    from _memory_child import build, trace_updates, train_step
+
+    from qgl.config import load_recipe
+
+    cfg = load_recipe("tiny", ["data.source=unused", "qgalore.rank=16"])
+    net, opt = build("qgl", cfg, torch.device("cpu"))
+    counter = iter(range(10**6))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: next(counter))
+    records, step = [], [0]
+    trace_updates(opt, records, step)
+    data = torch.randint(0, net.config.vocab_size, (2, 33))
+    for i in range(2):
+        step[0] = i
+        train_step(net, opt, data)
+    names = {opt.param_name(p) for p in net.parameters() if p.requires_grad}
+    for i in range(2):
+        labels = [label for s, label, _ in records if s == i]
+        assert sorted(labels) == sorted([f"before {n}" for n in names] + [f"after {n}" for n in names])
+        assert all(a.replace("before", "after") == b for a, b in zip(labels[::2], labels[1::2], strict=True))
