@@ -11,10 +11,10 @@ Every (model, method) runs in its own process (`--one`, `benchmarks/_memory_chil
 and an out-of-memory error or a `--timeout` ends one row ("OOM", "timeout"), not the table. Same batch
 and sequence length for all, bf16 parameters, activation checkpointing, random tokens, `--steps`
 steps; peak = `torch.cuda.max_memory_allocated` over the model's build and the steps; tokens/s over
-the steps after the first `--warmup` (the first step runs every layer's SVD). qgl rows also say where
+the steps after the first `--warmup` (the first step runs every layer's SVD). The qgl rows show
+`qgl plan`'s prediction (`qgl.plan.plan_memory`, same settings) and measured / predicted, and where
 in the steps the peak came, to a pair of consecutive layer-wise updates (`peak in step S: between A
-and B`). The qgl rows show
-`qgl plan`'s prediction (`qgl.plan.plan_memory`, same settings) and measured / predicted. Rank,
+and B`). Rank,
 learning rate and Q-GaLore settings are the recipes' (`recipes/pretrain/llama_<model>.yaml`); so is
 the SVD (`--svd` replaces it, and the header says so).
 
