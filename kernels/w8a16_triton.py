@@ -135,6 +135,27 @@ def _dequant_tile(q, s_ptr, z_ptr, rows, cols, col0, K, NK, FAST: tl.constexpr,
     return (q.to(tl.float32) - z) * s
 
 
+@triton.jit
+def _split_range(total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """``[lo, hi)`` of the reduction this program's split covers: ``cdiv(total, SPLIT_K)`` rounded up
+    to whole blocks (so an even reduction stays even per split); trailing splits may be empty."""
+    length = tl.cdiv(tl.cdiv(total, SPLIT_K), BLOCK) * BLOCK
+    lo = tl.program_id(1) * length
+    return lo, tl.minimum(total, lo + length)
+
+
+@triton.jit
+def _store_tile(out_ptr, ws_ptr, acc, offs_m, offs_c, M, C, SPLIT_K: tl.constexpr):
+    """Store the fp32 tile ``acc`` at ``[offs_m, offs_c]`` of ``out [M, C]`` (rounded to its dtype),
+    or, split, to this split's slice of ``ws [SPLIT_K, M, C]``."""
+    mask = (offs_m[:, None] < M) & (offs_c[None, :] < C)
+    tile = offs_m[:, None] * C + offs_c[None, :]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * C + tile, acc, mask=mask)
+    else:
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w8a16_fwd_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm,
@@ -149,9 +170,7 @@ def _w8a16_fwd_kernel(
     (no bias) to ``ws [SPLIT_K, M, N]`` slice ``s``; the wrapper sums the slices.
     """
     pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # a multiple of BLOCK_K: EVEN_K holds per split
-    k_lo = tl.program_id(1) * k_len
-    k_hi = tl.minimum(K, k_lo + k_len)
+    k_lo, k_hi = _split_range(K, SPLIT_K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -182,14 +201,9 @@ def _w8a16_fwd_kernel(
         q_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K > 1:
-        ws_ptrs = ws_ptr + tl.program_id(1).to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if HAS_BIAS and SPLIT_K == 1:  # split: the wrapper adds it once, after the sum
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    _store_tile(y_ptr, ws_ptr, acc, offs_m, offs_n, M, N, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -207,9 +221,7 @@ def _w8a16_bwd_kernel(
     ``SPLIT_K > 1`` splits the reduction over N, partials to ``ws [SPLIT_K, M, K]`` (as forward).
     """
     pid_m, pid_c = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    n_len = tl.cdiv(tl.cdiv(N, SPLIT_K), BLOCK_K) * BLOCK_K
-    n_lo = tl.program_id(1) * n_len
-    n_hi = tl.minimum(N, n_lo + n_len)
+    n_lo, n_hi = _split_range(N, SPLIT_K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = W columns
     rr = tl.arange(0, BLOCK_K)  # reduction = W rows
@@ -241,13 +253,7 @@ def _w8a16_bwd_kernel(
         dy_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
-    out_mask = (offs_m[:, None] < M) & (offs_c[None, :] < K)
-    if SPLIT_K > 1:
-        ws_ptrs = ws_ptr + tl.program_id(1).to(tl.int64) * M * K + offs_m[:, None] * K + offs_c[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
-    else:
-        dx_ptrs = dx_ptr + offs_m[:, None] * K + offs_c[None, :]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+    _store_tile(dx_ptr, ws_ptr, acc, offs_m, offs_c, M, K, SPLIT_K)
 
 
 _KEY = ["M_BUCKET", "N", "K", "GS", "SYMMETRIC"]
