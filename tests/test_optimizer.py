@@ -190,6 +190,35 @@ def test_nan_gradient_raises_before_any_update():
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_all_finite_reads_the_gradient_without_full_size_temporaries(dtype, bad):
+    """The non-finite check runs on every gradient of every step: it must not allocate gradient-
+    sized tensors (torch.isfinite(g).all() makes ~5 bytes an element, which the memory plan omits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qgl.optim.layerwise import all_finite
+
+    class LargestOutput(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    g = torch.randn(300, 257).to(dtype)
+    if bad is not None:
+        g[123, 45] = bad
+    with LargestOutput() as mode:
+        flag = all_finite(g)
+    assert mode.numel == 1 and flag.dtype == torch.bool and flag.shape == ()
+    assert bool(flag) == (bad is None) == bool(torch.isfinite(g).all())
+    assert bool(all_finite(g[:0]))
+
+
 def test_state_dict_resume_gives_identical_losses(tmp_path):
     batches = _batches(24)
     kw = dict(rank=4, update_proj_gap=3, queue_size=2, cos_threshold=0.0, proj_quant=True)

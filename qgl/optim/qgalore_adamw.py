@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, adam_step_, init_moments, moments_nbytes
-from qgl.optim.layerwise import LayerwiseDriver
+from qgl.optim.layerwise import LayerwiseDriver, all_finite
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
@@ -250,7 +250,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     def _raise_if_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        finite = torch.stack([all_finite(g) for g in grads])
         if not bool(finite.all()):  # the one device sync of the step
             bad = [self.param_name(p) for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
             raise FloatingPointError(f"non-finite gradient in {bad}; no parameter was updated this step")
