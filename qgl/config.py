@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 # qgl.callbacks.methods holds what each does; "adamw" is the former name of "full" (kept as an alias).
 METHODS = ("full", "adamw8bit", "lora", "qlora", "galore", "qgalore", "adamw")
 WANDB_MODES = (None, "online", "offline", "disabled")
+PROFILERS = (None, "simple", "advanced", "pytorch")
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true",
               "64")
 DEFAULT_RECIPE = "tiny.yaml"
@@ -112,6 +113,7 @@ class TrainerConfig:
     limit_val_batches: int | None = _f(None, "validation batches per check (null: all)")
     gradient_clip_val: float | None = _f(None, "global gradient-norm clip (null: none)")
     accumulate_grad_batches: int = _f(1, "micro-batches per optimizer step")
+    profiler: str | None = _f(None, "Lightning profiler: simple, advanced, pytorch (report in the run dir)")
 
 
 @dataclass
@@ -300,6 +302,7 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
     _check_choice(cfg.method, METHODS, "method", where)
     _check_choice(cfg.logger.mode, WANDB_MODES, "logger.mode", where)
     _check_choice(cfg.trainer.precision, PRECISIONS, "trainer.precision", where)
+    _check_choice(cfg.trainer.profiler, PROFILERS, "trainer.profiler", where)
     if cfg.model.hf_path is None:
         from qgl.models.llama import LLAMA_CONFIGS
 

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,14 @@ def test_train_end_to_end_wandb_offline(clean_env, spy_run, capsys):
     assert any(runs[0].glob("run-*.wandb"))
     assert (clean_env / "checkpoints" / "last.ckpt").is_file() and s["last_checkpoint"].endswith("last.ckpt")
     assert (clean_env / "checkpoints" / "step000004.ckpt").is_file()
+
+
+def test_train_with_a_profiler_writes_its_report_in_the_run_dir(clean_env, spy_run):
+    """`trainer.profiler=simple`: Lightning's report (time per hook, training_step among them)."""
+    assert main(["train", *FAST, "logger.wandb=false", "logger.name=p", "trainer.profiler=simple"]) == 0
+    report = (clean_env / "runs" / "qgl" / "p" / "fit-profile.txt").read_text()
+    assert "Profiler Report" in report and "training_step" in report
+    assert Path(spy_run[0]["run_dir"]) == (clean_env / "runs" / "qgl" / "p").resolve()
 
 
 def test_train_adamw_csv_and_resume(clean_env, spy_run, capsys):

@@ -56,6 +56,7 @@ BAD = {
     "bad method": (None, ["method=sgd"], ["tiny.yaml", "key 'method'", "qgalore, adamw"]),
     "bad model": (None, ["model.name=3b"], ["tiny.yaml", "key 'model.name'", "60m"]),
     "bad wandb mode": (None, ["logger.mode=online2"], ["tiny.yaml", "key 'logger.mode'", "offline"]),
+    "bad profiler": (None, ["trainer.profiler=torch"], ["tiny.yaml", "key 'trainer.profiler'", "pytorch"]),
     "non-positive": (None, ["trainer.max_steps=0"], ["tiny.yaml", "key 'trainer.max_steps'", ">= 1"]),
     "qgalore + clip": (None, ["trainer.gradient_clip_val=1.0"],
                        ["key 'trainer.gradient_clip_val'", "layerwise_clip_norm"]),
