@@ -12,9 +12,11 @@ Methods, all on bf16 parameters with activation checkpointing, the recipe's lr/b
 - galore-torch: `galore_torch.GaLoreAdamW8bit`, layer-wise as its README (one optimizer a parameter,
   stepped from its post-accumulate-grad hook; `_public_adapters.public_driver`), the recipe's rank,
   gap and scale on the attention and MLP weights, 8-bit AdamW on the rest;
-- qgl / qgl-offload: `qgl.models.build.build_quantized_llama` (INT8 weights, never the float model
-  on the GPU), `make_param_groups` + `QGaLoreAdamW(layerwise=True)` with the recipe's Q-GaLore
-  settings; qgl-offload adds `offload="cpu"`.
+- qgl / qgl-offload / qgl-paged: `qgl.models.build.build_quantized_llama` (INT8 weights, never the
+  float model on the GPU), `make_param_groups` + `QGaLoreAdamW(layerwise=True)` with the recipe's
+  Q-GaLore settings; qgl-offload adds `offload="cpu"` (pinned host memory, side-stream copies),
+  qgl-paged `offload="paged"` (bitsandbytes paged 8-bit moments in CUDA unified memory, which the
+  driver pages in on use; they are outside `max_memory_allocated`, so `paged_bytes` reports them).
 
 The float models are built on the meta device, then materialised in bf16 (`to_empty` +
 `init_weights`): no fp32 copy on the GPU either.
@@ -31,7 +33,8 @@ from typing import Any
 
 import torch
 
-METHODS = ("bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload")
+METHODS = ("bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged")
+OFFLOAD = {"qgl": None, "qgl-offload": "cpu", "qgl-paged": "paged"}  # the qgl rows: QGaLoreAdamW(offload=)
 MODELS = ("60m", "130m", "350m", "1b", "7b")
 ROW_PREFIX = "MEMORY_ROW "
 GIB = 2**30
@@ -54,14 +57,14 @@ def recipe(model: str, seq: int, svd: str | None = None) -> Any:
 def predicted_bytes(model: str, method: str, batch: int, seq: int, svd: str | None = None) -> int | None:
     """`qgl plan`'s predicted peak of max_memory_allocated for the qgl rows (None for the others):
     the recipe's settings at batch x seq, bf16 parameters, checkpointing, layer-wise, accumulate 1."""
-    if method not in ("qgl", "qgl-offload"):
+    if method not in OFFLOAD:
         return None
     from qgl.plan import PlanSettings, plan_memory
 
     cfg = recipe(model, seq, svd)
     s = PlanSettings.from_recipe(cfg).replace(
         batch_size=batch, seq_len=seq, accumulate=1, checkpointing=True, precision="bf16-true",
-        layerwise=True, offload="cpu" if method == "qgl-offload" else None)
+        layerwise=True, offload=OFFLOAD[method])
     return plan_memory(cfg, s).total
 
 
@@ -82,7 +85,7 @@ def build(method: str, cfg: Any, device: torch.device) -> tuple[torch.nn.Module,
     config = LlamaConfig.from_name(cfg.model.name, activation_checkpointing=True)
     q, o = cfg.qgalore, cfg.optim
     common = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    if method in ("qgl", "qgl-offload"):
+    if method in OFFLOAD:
         from qgl.models.build import build_quantized_llama
         from qgl.optim import QGaLoreAdamW, make_param_groups
 
@@ -92,7 +95,7 @@ def build(method: str, cfg: Any, device: torch.device) -> tuple[torch.nn.Module,
                                    **{k: getattr(q, k) for k in _GALORE_KEYS})
         return model, QGaLoreAdamW(groups, **common, optim_bits=q.optim_bits, min_8bit_size=q.min_8bit_size,
                                    layerwise=True, layerwise_clip_norm=q.layerwise_clip_norm,
-                                   offload="cpu" if method == "qgl-offload" else None)
+                                   offload=OFFLOAD[method])
     model = _float_model(config, device)
     if method == "bf16-adamw":
         return model, torch.optim.AdamW(model.parameters(), **common, fused=True)
@@ -240,6 +243,9 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
             row.update(svds=sum(v["svd_count"] for v in stats), svd_s=sum(v["svd_seconds"] for v in stats))
         elif hasattr(opt, "svd_count"):
             row["svds"] = opt.svd_count()
+        if getattr(opt, "offloader", None) is not None:  # state held in host / unified memory
+            held = opt.state_nbytes()
+            row["offloaded_bytes"] = held["offloaded_moments"] + held["offloaded_projections"]
     except Exception as err:
         if not is_oom(err):
             raise

@@ -2,7 +2,7 @@
 Q-GaLore without and with optimizer-state offload, per model, one table; qgl beside its planner.
 
     python benchmarks/memory.py --models 130m,1b,7b \\
-        --methods bf16-adamw,adamw8bit,galore-torch,qgl,qgl-offload --batch 1 --seq 256 --steps 4
+        --methods bf16-adamw,adamw8bit,galore-torch,qgl,qgl-offload,qgl-paged --batch 1 --seq 256 --steps 4
     python benchmarks/memory.py --models 7b --methods qgl,qgl-offload --cap-gib 16   # 7B in 16 GB
     python benchmarks/memory.py --find-min-cap --caps 10,9,8.5,8                    # 7B offload, smallest cap
     python benchmarks/memory.py --report a.json b.json --out benchmarks/results/memory_h100_<date>.json
@@ -201,6 +201,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _notes(r: dict[str, Any]) -> str:
     """Rank and SVDs of a GaLore row; where in the steps the peak came (`_memory_child.locate_peak`)."""
     parts = [f"rank {r['rank']}, {r['svds']} SVDs ({r['svd_method']})"] if r.get("svds") else []
+    if r.get("offloaded_bytes"):
+        where = "unified" if r["method"] == "qgl-paged" else "pinned host"
+        parts.append(f"{r['offloaded_bytes'] / GIB:.2f} GiB of state in {where} memory")
     if r.get("peak_at"):
         parts.append(f"peak in {r['peak_at']}")
     return "; ".join(parts)
@@ -215,10 +218,11 @@ def _offload_lines(rows: list[dict[str, Any]]) -> list[str]:
         for r in ranked:
             if r["model"] == model and r["status"] == "ok" and r.get("tokens_per_s"):
                 ok.setdefault(r["method"], r)
-        if "qgl" in ok and "qgl-offload" in ok:
-            a, b = ok["qgl"]["tokens_per_s"], ok["qgl-offload"]["tokens_per_s"]
-            out.append(f"- LLaMA-{model}: offload runs at {b:,.0f} tokens/s against {a:,.0f} without "
-                       f"({(1 - b / a) * 100:.0f}% lost)")
+        for method, how in (("qgl-offload", "offload"), ("qgl-paged", "paged offload")):
+            if "qgl" in ok and method in ok:
+                a, b = ok["qgl"]["tokens_per_s"], ok[method]["tokens_per_s"]
+                out.append(f"- LLaMA-{model}: {how} runs at {b:,.0f} tokens/s against {a:,.0f} without "
+                           f"({(1 - b / a) * 100:.0f}% lost)")
     return [""] + out if out else []
 
 

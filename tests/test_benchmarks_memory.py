@@ -35,7 +35,8 @@ def _row(model, method, status="ok", peak=None, cap=None, tps=None, predicted=No
 def test_arguments(memory):
     ns = memory.parse_args([])
     assert (ns.models, ns.methods, ns.batch, ns.seq, ns.steps, ns.warmup) == (
-        ["130m", "1b", "7b"], ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload"], 1, 256, 4, 1)
+        ["130m", "1b", "7b"],
+        ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged"], 1, 256, 4, 1)
     assert ns.cap_gib is None and not ns.find_min_cap and ns.caps == [12, 10, 9, 8, 7, 6]
     ns = memory.parse_args(["--models", "7b", "--methods", "qgl,qgl-offload", "--cap-gib", "16",
                             "--caps", "8,9.5,8", "--svd", "randomized"])
@@ -86,7 +87,8 @@ def test_table_offload_cost_and_min_cap(memory):
             _row("7b", "qgl", peak=11 * GIB, predicted=11.5 * GIB, tps=1000.0, first_step_s=200.0, svds=224),
             _row("7b", "qgl-offload", peak=7.5 * GIB, predicted=7.6 * GIB, tps=800.0, cap=16.0, svds=224),
             _row("7b", "qgl-offload", peak=7.5 * GIB, predicted=7.6 * GIB, tps=790.0, cap=9.0),
-            _row("7b", "qgl-offload", "OOM", peak=7.9 * GIB, cap=8.0, at="first_step", error="oom")]
+            _row("7b", "qgl-offload", "OOM", peak=7.9 * GIB, cap=8.0, at="first_step", error="oom"),
+            _row("7b", "qgl-paged", peak=9 * GIB, predicted=9.2 * GIB, tps=600.0, offloaded_bytes=3 * GIB)]
     text = memory.table(rows)
     lines = text.splitlines()
     assert lines[0].startswith("| model | method | cap GiB | peak GiB | predicted GiB | measured / predicted")
@@ -95,6 +97,8 @@ def test_table_offload_cost_and_min_cap(memory):
     assert "| 7b | qgl | - | 11.00 | 11.50 | 0.96 |" in text
     assert "1,000 | 200.0 | rank 1024, 224 SVDs (full)" in text
     assert "offload runs at 800 tokens/s against 1,000 without (20% lost)" in text
+    assert "| 9.00 | 9.20 | 0.98 |" in text and "3.00 GiB of state in unified memory" in text
+    assert "paged offload runs at 600 tokens/s against 1,000 without (40% lost)" in text
     assert "smallest cap that completed 4 steps: 9 GiB (tried 16 GiB ok, 9 GiB ok, 8 GiB OOM)" in text
     head = memory.header(rows, "expandable_segments:True")
     assert head.startswith("NVIDIA H100 80GB HBM3, torch 2.11.0, bitsandbytes 0.50.2, galore-torch ?, "
@@ -154,6 +158,19 @@ def test_predictions_are_the_planners(memory):
     assert s.checkpointing and s.layerwise and s.rank == 1024
     assert predicted_bytes("7b", "qgl-offload", 1, 256) == plan_memory(cfg, s).total < 8 * GIB
     assert predicted_bytes("7b", "qgl", 1, 256) == plan_memory(cfg, s.replace(offload=None)).total < 12 * GIB
+    assert predicted_bytes("7b", "qgl-paged", 1, 256) == plan_memory(cfg, s.replace(offload="paged")).total
+
+
+def test_paged_row_needs_cuda_and_says_so(memory):
+    from _memory_child import build
+
+    from qgl.config import load_recipe
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    cfg = load_recipe("tiny", ["data.source=unused", "qgalore.rank=16"])
+    with pytest.raises(ValueError, match="offload='paged' needs CUDA"):
+        build("qgl-paged", cfg, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("method", ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload"])
