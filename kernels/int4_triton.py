@@ -37,7 +37,6 @@ fused kernel more than the dequantization costs the dense path (benchmarks/kerne
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 
@@ -63,6 +62,7 @@ from .int4_format_triton import (
     unpack_int4_triton,
 )
 from .int8_triton import check_device, check_numel, interpreting
+from .mm16 import mm16, mm_fp32_out
 from .w8a16_triton import MIN_KERNEL_GROUP
 
 __all__ = [
@@ -203,16 +203,6 @@ def _p_dims(p_shape: Sequence[int], packed: Tensor, scale: Tensor, zero: Tensor,
 _PATHS = ("auto", "fused", "dense")
 
 
-@functools.cache
-def _mm_fp32_out(device: torch.device) -> bool:
-    """Whether ``torch.mm(a16, b16, out_dtype=torch.float32)`` runs on ``device`` (CUDA, torch >= 2.8)."""
-    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-    try:
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
 def _use_dense(path: str, device: torch.device) -> bool:
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
@@ -220,7 +210,7 @@ def _use_dense(path: str, device: torch.device) -> bool:
         forced = os.environ.get("QGL_INT4_PROJECTION", "auto")
         path = forced if forced in _PATHS else "auto"
     if path == "auto":
-        return device.type == "cuda" and not interpreting() and _mm_fp32_out(device)
+        return device.type == "cuda" and not interpreting() and mm_fp32_out(device)
     return path == "dense"
 
 
@@ -232,12 +222,7 @@ def _dense_matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int,
     p = dequantize_int4_triton(packed, scale, zero, (pr, pc), gs, dtype)
     d16 = dense.to(dtype)
     a, b = ((p if p_k_contig else p.T), d16) if p_is_a else (d16, (p.T if p_k_contig else p))
-    if out_dtype == dtype and dense.is_cuda:
-        return torch.mm(a, b)  # cuBLAS accumulates in fp32 and rounds once
-    if _mm_fp32_out(dense.device):
-        return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
-    # CPU (tests): products of 16-bit values are exact in fp32, so this is the same math.
-    return (a.float() @ b.float()).to(out_dtype)
+    return mm16(a, b, out_dtype)
 
 
 def _matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int, m: int, n: int, k: int,

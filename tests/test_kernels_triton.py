@@ -227,7 +227,7 @@ def test_int4_projections_fp32(poison, m, n, r, gs, side, path):
 def test_int4_projection_path_choice(monkeypatch):
     """"auto" is the fused kernel on CPU (the interpreter) and dense on CUDA; the env var forces one."""
     dev = torch.device(DEV)
-    assert int4_triton._use_dense("auto", dev) == (CUDA and int4_triton._mm_fp32_out(dev))
+    assert int4_triton._use_dense("auto", dev) == (CUDA and int4_triton.mm_fp32_out(dev))
     assert int4_triton._use_dense("dense", dev) and not int4_triton._use_dense("fused", dev)
     monkeypatch.setenv("QGL_INT4_PROJECTION", "dense")
     assert int4_triton._use_dense("auto", dev)

@@ -91,6 +91,27 @@ def test_bf16_gradient_gives_fp32_results():
     assert proj.project_back(low).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
+    """fp32 P, bf16 G (bf16 weights): P is rounded to bf16 for both products, accumulated in fp32
+    (the INT4 path's and GaLore's numerics, at tensor-core speed); fp32 gradients stay all fp32."""
+    g = torch.randn(shape).bfloat16()
+    proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    proj.maybe_refresh(g, 0)
+    p16 = proj.basis().bfloat16().float()
+    right = proj.side == "right"
+    low = proj.project(g)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, g.float() @ p16.T if right else p16.T @ g.float(), atol=1e-5, rtol=1e-5)
+    back = proj.project_back(low, factor=-2.0, out_dtype=torch.bfloat16)
+    low16 = (low * -1.0).bfloat16().float()  # scale 0.5 x factor -2, then the operand rounding
+    want = (low16 @ p16 if right else p16 @ low16).bfloat16()
+    assert back.dtype == torch.bfloat16 and torch.equal(back, want)
+    exact = proj.project(g.float())  # an fp32 gradient: fp32 P unrounded
+    torch.testing.assert_close(exact, g.float() @ proj.basis().T if right else proj.basis().T @ g.float())
+    assert proj.project_back(exact).dtype == torch.float32
+
+
 def test_nbytes():
     q4 = GaLoreProjector((512, 256), 64, quantize=True)
     fp = GaLoreProjector((512, 256), 64, quantize=False)

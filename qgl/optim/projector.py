@@ -6,7 +6,9 @@ For a gradient G of shape (m, n) and a rank r:
 - m <  n, side "left":  P (m, r) = U[:, :r]; low = P^T @ G, (r, n);  back = P @ low, (m, n).
 
 The side is the smaller one, so P and the low-rank optimizer state are as small as they can be.
-`project_back` multiplies by `scale` (GaLore's alpha). All results are fp32.
+`project_back` multiplies by `scale` (GaLore's alpha). All results are fp32 (`project_back`: in
+the dtype asked for). A 16-bit gradient is multiplied on 16-bit operands (P rounded to its dtype)
+with fp32 accumulation, as the INT4 path is and GaLore's reference; fp32 gradients in fp32.
 
 P is stored as `qgl.quant.Int4Tensor` (group-wise asymmetric INT4, two nibbles a byte) when
 `quantize`, else in fp32. The leading singular vector is also kept in fp32 (m or n floats): the
@@ -25,9 +27,12 @@ import time
 import torch
 from torch import Tensor
 
+from qgl.kernels.mm16 import mm16
 from qgl.optim.refresh import AdaptiveRefresh
 from qgl.optim.svd import SVD_METHODS, top_singular_vectors
 from qgl.quant.int4 import Int4Tensor
+
+_HALF = (torch.bfloat16, torch.float16)
 
 _INT4_KEYS = ("packed", "scale", "zero")
 
@@ -72,6 +77,7 @@ class GaLoreProjector:
         self.side = "right" if m >= n else "left"
         self._p: Int4Tensor | Tensor | None = None  # (rank, n) right / (m, rank) left
         self._lead: Tensor | None = None  # fp32 leading singular vector, (n,) right / (m,) left
+        self._half: torch.dtype | None = None  # the last projected gradient's dtype, if 16-bit
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -135,6 +141,12 @@ class GaLoreProjector:
         if isinstance(p, Int4Tensor):
             # Reads G in its own dtype and computes in fp32: no fp32 copy of a bf16 gradient.
             return p.project(grad, self.side).float()
+        self._half = grad.dtype if grad.dtype in _HALF else None
+        if self._half is not None:
+            # A 16-bit gradient (16-bit weights): P rounded to its dtype, fp32 accumulation, as
+            # the INT4 path and GaLore's reference compute; no fp32 copy of G, tensor-core speed.
+            p16 = p.to(self._half)
+            return mm16(grad, p16.T) if self.side == "right" else mm16(p16.T, grad)
         g = grad.float()
         return g @ p.T if self.side == "right" else p.T @ g
 
@@ -153,6 +165,9 @@ class GaLoreProjector:
         low = low.float() * (self.scale * float(factor))
         if isinstance(p, Int4Tensor):
             return p.project_back(low, self.side, out_dtype)
+        if self._half is not None:  # the projected gradient was 16-bit: the same operands here
+            low16, p16 = low.to(self._half), p.to(self._half)
+            return mm16(low16, p16, out_dtype) if self.side == "right" else mm16(p16, low16, out_dtype)
         return (low @ p if self.side == "right" else p @ low).to(out_dtype)
 
     def basis(self) -> Tensor | None:

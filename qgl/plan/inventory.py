@@ -152,10 +152,10 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     Refresh (full SVD): copy + 4 (2 m n + k^2): the input LAPACK/cuSOLVER overwrites, Vh (or U) and the
     k x k factor; randomized: copy + 16 (r + 8)(m + n) (sketch, QR and power-iteration blocks).
     Update (`QGaLoreAdamW._update_param`), the low-rank gradient (4L) alive throughout, plus the
-    largest of: the projection (+ copy without INT4 P: `grad.float()` before the fp32 matmul); Adam's
-    on L; the back-projection: direction and its scaled copy (8L), with INT4 P its bf16 dequantized
-    copy and the low side cast to bf16 (cuBLAS dense path: 2 (P + L)), and the (m, n) update, bf16
-    for an INT8 weight (consumed in place by the INT8 update), fp32 otherwise.
+    largest of: the projection (16-bit products, with INT4 P or a 16-bit gradient: P's 16-bit copy,
+    2P; fp32 P and gradient: nothing); Adam's on L; the back-projection: direction and its scaled
+    copy (8L), with 16-bit products P's 16-bit copy and the low side cast (cuBLAS: 2 (P + L)), and
+    the (m, n) update, bf16 for an INT8 weight (consumed in place by the INT8 update), fp32 otherwise.
     """
     pb = s.dtype_bytes[0]
     n = p.numel
@@ -175,7 +175,8 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     else:
         refresh = copy + 16 * (p.rank + 8) * (p.shape[0] + p.shape[1])
     low = math.prod(p.low_shape)
-    dense_p = 2 * (math.prod(p.basis_shape) + low) if s.proj_quant else 0
-    back = 8 * low + dense_p + (2 if p.int8 else 4) * n
-    update = 4 * low + max(0 if s.proj_quant else copy, adam(low, low), back)
+    basis = math.prod(p.basis_shape)
+    mm16 = s.proj_quant or pb != 4  # the products run on 16-bit operands (projector.py)
+    back = 8 * low + (2 * (basis + low) if mm16 else 0) + (2 if p.int8 else 4) * n
+    update = 4 * low + max(2 * basis if mm16 else 0, adam(low, low), back)
     return max(refresh, update)
