@@ -100,7 +100,8 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
 
     cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work), *extra_overrides])
     int8 = public_int8 and method == "q-galore-torch"
-    row: dict[str, Any] = {"method": method, "notes": _notes(method, cfg, device, int8)}
+    notes = "; ".join([_notes(method, cfg, device, int8), *extra_overrides])
+    row: dict[str, Any] = {"method": method, "notes": notes}
     if method in PACKAGES and not available(method):
         return {**row, "error": f"not installed (pip install {method}==1.0)"}
     extra = ([PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore), int8_weights=int8)]
@@ -177,6 +178,15 @@ def header(recipe: str | None, overrides: list[str], steps: int, device: str) ->
             f"{cfg.trainer.precision}, {steps} steps, seed {cfg.seed}; {memory}")
 
 
+def per_method_override(text: str) -> tuple[str, str]:
+    """`--set METHOD:key=value` -> (METHOD, "key=value")."""
+    method, sep, override = text.partition(":")
+    if not sep or "=" not in override or method not in ALL:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected METHOD:key=value with METHOD one of "
+                                         f"{','.join(ALL)}")
+    return method, override
+
+
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL]
@@ -199,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show each run's output instead of logging it")
     ap.add_argument("--public-float-weights", action="store_true",
                     help="q-galore-torch on the model's float weights, not on its INT8-weight simulation")
+    ap.add_argument("--set", dest="per_method", type=per_method_override, action="append", default=[],
+                    metavar="METHOD:key=value", help="an override for one method (repeatable), e.g. "
+                    "qgalore:trainer.precision=bf16-true")
     ns = ap.parse_args(argv)
+    per_method: dict[str, list[str]] = {}
+    for method, override in ns.per_method:
+        if method not in ns.methods:
+            ap.error(f"--set {method}:{override}: {method} is not among --methods")
+        per_method.setdefault(method, []).append(override)
     recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if recipe is not None else ns.args
     if ns.device == "cuda" and not torch.cuda.is_available():
@@ -211,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[methods] {method} ...", file=sys.stderr, flush=True)
         log = None if ns.verbose else work.resolve() / f"{method}.log"
         rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log,
+                               extra_overrides=per_method.get(method, ()),
                                public_int8=not ns.public_float_weights))
         # After every row: a run cut short (a time limit) keeps the rows it finished.
         (work / "results.json").write_text(json.dumps(rows, indent=1))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print()
-    print(header(recipe, overrides, ns.steps, ns.device))
+    print(header(recipe, overrides, ns.steps, ns.device)
+          + "".join(f"; {m}: {' '.join(o)}" for m, o in per_method.items()))
     print()
     print(table(rows))
     print(f"\nlogs and results.json: {work}")

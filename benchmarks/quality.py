@@ -52,7 +52,7 @@ if importlib.util.find_spec("qgl") is None:  # not installed: the checkout's, be
 
 import torch  # noqa: E402
 from _quality_report import summarize  # noqa: E402
-from methods import ALL, PACKAGES, _methods  # noqa: E402
+from methods import ALL, PACKAGES, _methods, per_method_override  # noqa: E402
 
 from qgl.config import RecipeError, load_recipe  # noqa: E402
 
@@ -61,14 +61,6 @@ RESERVE_S = 60.0  # of --time-limit, kept for the last validation and the report
 
 
 # ---------------------------------------------------------------- command line
-def _set(text: str) -> tuple[str, str]:
-    method, sep, override = text.partition(":")
-    if not sep or "=" not in override or method not in ALL:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected METHOD:key=value with METHOD one of "
-                                         f"{','.join(ALL)}")
-    return method, override
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every method")
@@ -77,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, of {','.join(ALL)} (default {DEFAULT_METHODS})")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per method")
     ap.add_argument("--parallel", type=int, default=None, help="methods running at once (default: all)")
-    ap.add_argument("--set", dest="per_method", type=_set, action="append", default=[],
+    ap.add_argument("--set", dest="per_method", type=per_method_override, action="append", default=[],
                     metavar="METHOD:key=value", help="an override for one method (repeatable)")
     ap.add_argument("--val-every", type=int, default=None,
                     help="steps between validations (default: steps/10)")
