@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -235,6 +236,23 @@ def test_methods_benchmark_smoke_on_cpu(workdir, capsys):
         if "did not run" in line:
             assert "not installed" in line and method in ("galore-torch", "q-galore-torch")
     assert (workdir / "out" / "results.json").is_file()
+
+
+def test_methods_benchmark_per_method_override(workdir, capsys):
+    """`--set galore:trainer.precision=bf16-true` reaches that method's run only, and its row says so."""
+    bench = _load_benchmark()
+    args = ["--device", "cpu", "--steps", "2", "--out", str(workdir / "out"), "--methods", "full,galore",
+            "--set", "galore:trainer.precision=bf16-true", "data.batch_size=2", "data.block_size=32",
+            "trainer.limit_val_batches=1"]
+    assert bench.main(args) == 0
+    rows = {r["method"]: r for r in json.loads((workdir / "out" / "results.json").read_text())}
+    assert rows["galore"]["notes"].endswith("; trainer.precision=bf16-true")
+    assert "bf16-true" not in rows["full"]["notes"]
+    # bf16 weights: galore's parameters take half full's fp32 bytes (and 8-bit moments, not fp32).
+    assert rows["galore"]["states_mib"] < rows["full"]["states_mib"] / 2
+    assert "galore: trainer.precision=bf16-true" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*args[:4], "--methods", "full", "--set", "galore:trainer.precision=bf16-true"])
 
 
 def _adapters():
