@@ -135,3 +135,25 @@ def test_kernels_on_and_off_train_the_same_loss_curve(corpus, monkeypatch):
     assert abs(s["first10_a"] - s["first10_b"]) < 0.02 * s["first10_b"], r["summary"]
     assert abs(s["last20_a"] - s["last20_b"]) < 0.03 * s["last20_b"], r["summary"]
     assert s["max_ma_diff"] < 0.1, r["summary"]
+
+
+def test_finite_check_and_16_bit_projector_products_on_cuda():
+    """aminmax propagates NaN and inf on CUDA too (the layer-wise non-finite check), and the float
+    projector's bf16 products (cuBLAS, fp32 output) are the rounded operands' fp32 products."""
+    from qgl.optim.layerwise import all_finite
+    from qgl.optim.projector import GaLoreProjector
+
+    g = torch.randn(300, 200, device="cuda").bfloat16()
+    assert bool(all_finite(g))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        h = g.clone()
+        h[123, 45] = bad
+        assert not bool(all_finite(h))
+    proj = GaLoreProjector((300, 200), 16, quantize=False)
+    proj.maybe_refresh(g, 0)
+    p16 = proj.basis().bfloat16().float()
+    low = proj.project(g)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, g.float() @ p16.T, rtol=1e-4, atol=1e-4)
+    back = proj.project_back(low, factor=-1.0, out_dtype=torch.float32)
+    torch.testing.assert_close(back, (low * -proj.scale).bfloat16().float() @ p16, rtol=1e-4, atol=1e-4)
