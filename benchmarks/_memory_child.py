@@ -16,7 +16,7 @@ Methods, all on bf16 parameters with activation checkpointing, the recipe's lr/b
   float model on the GPU), `make_param_groups` + `QGaLoreAdamW(layerwise=True)` with the recipe's
   Q-GaLore settings; qgl-offload adds `offload="cpu"` (pinned host memory, side-stream copies),
   qgl-paged `offload="paged"` (bitsandbytes paged 8-bit moments in CUDA unified memory, which the
-  driver pages in on use; they are outside `max_memory_allocated`, so `paged_bytes` reports them).
+  driver pages in on use; they are outside `max_memory_allocated`, so `offloaded_bytes` reports them).
 
 The float models are built on the meta device, then materialised in bf16 (`to_empty` +
 `init_weights`): no fp32 copy on the GPU either.
