@@ -1,6 +1,12 @@
 """Training-step throughput and peak memory: qgl Q-GaLore against bf16 AdamW, one run, one table.
 
     python benchmarks/train_step.py --model 60m --batch 16 --seq 256 --steps 30
+    python benchmarks/train_step.py --model 1b --checkpointing --rank 512 --methods bf16-adamw,qgalore,galore
+
+A plain loop, no Lightning: what the optimizer and the INT8 layers cost by themselves. Methods:
+`bf16-adamw` (torch, fused), `qgalore` (INT8 weights, INT4 P, 8-bit moments, layer-wise) and `galore`
+(the same optimizer on the bf16 weights with fp32 P: the INT8/INT4 path's cost is the difference).
+`--check-finite` adds the non-finite gradient check that `qgl train` runs.
 
 Random tokens (throughput and memory do not depend on the data). Each method builds the model
 afresh; the first steps (SVDs of every matrix, allocator warm-up) are excluded from tokens/s.
@@ -20,17 +26,21 @@ from qgl.models.llama import LlamaForCausalLM
 from qgl.nn import quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
 
+METHODS = ("bf16-adamw", "qgalore", "galore")
 
-def _build(name: str, method: str, rank: int, checkpointing: bool):
+
+def _build(name: str, method: str, rank: int, checkpointing: bool, check_finite: bool = False):
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_name(name, activation_checkpointing=checkpointing).cuda()
     if method == "bf16-adamw":
         model = model.bfloat16()
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    quantize_model(model)
+    if method == "qgalore":
+        quantize_model(model)
     model = model.bfloat16()
     groups = make_param_groups(model, rank=rank, update_proj_gap=200, scale=0.25)
-    return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=False)
+    galore = {} if method == "qgalore" else {"proj_quant": False, "adaptive": False}
+    return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=check_finite, **galore)
 
 
 def _profile(model, opt, data, steps: int = 3) -> None:
@@ -58,11 +68,12 @@ def measure(
     rank: int,
     checkpointing: bool,
     profile: bool = False,
+    check_finite: bool = False,
 ) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, opt = _build(name, method, rank, checkpointing)
+    model, opt = _build(name, method, rank, checkpointing, check_finite)
     vocab = model.config.vocab_size
     data = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
     for step in range(steps):
@@ -92,6 +103,14 @@ def measure(
     return result
 
 
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {','.join(METHODS)}")
+    return methods
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="60m")
@@ -102,21 +121,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (after timing)")
+    ap.add_argument("--methods", default="bf16-adamw,qgalore", type=_methods,
+                    help=f"comma-separated, the first is the baseline: {','.join(METHODS)}")
+    ap.add_argument("--check-finite", action="store_true", help="the non-finite gradient check of qgl train")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA device")
     rows = [
         measure(args.model, m, args.batch, args.seq, args.steps, args.warmup, args.rank, args.checkpointing,
-                args.profile)
-        for m in ("bf16-adamw", "qgl-qgalore")
+                args.profile, args.check_finite)
+        for m in args.methods
     ]
     base = rows[0]
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
         f"LLaMA-{args.model}, batch {args.batch} x {args.seq} tokens, rank {args.rank}, "
-        f"checkpointing {args.checkpointing}\n"
+        f"checkpointing {args.checkpointing}, check_finite {args.check_finite}\n"
     )
-    print("| method | peak GiB | vs bf16 AdamW | tokens/s | vs bf16 AdamW | SVDs | last loss |")
+    print(f"| method | peak GiB | vs {base['method']} | tokens/s | vs {base['method']} | SVDs | last loss |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

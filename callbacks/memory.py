@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
+from qgl.callbacks.memory_snapshot import StepSnapshot
 from qgl.nn import quantized_modules
 
 PARTS = ("int8_weights", "params", "buffers", "optimizer_moments", "projections", "activations_other")
@@ -33,10 +35,17 @@ class MemoryMonitor(Callback):
     Logs `memory/<part>_mib`, `memory/peak_mib` (and `memory/rss_mib` on CPU) every
     `log_every_n_steps` steps (default: the trainer's), prints a table at the end of fit, with
     `predicted` (bytes per part, e.g. from a memory planner) beside the measurement.
+
+    `snapshot_step` (CUDA): record the caching allocator over that optimizer step (0 = the first) and
+    write `memory-snapshot-step<N>.pickle` (for https://pytorch.org/memory_viz) and
+    `memory-peak-step<N>.txt` (what was alive at the step's peak, by the code that allocated it) into
+    `snapshot_dir`; also written if the step raises (an out-of-memory error, say).
     """
 
     def __init__(self, log_every_n_steps: int | None = None, predicted: dict[str, int] | None = None,
-                 print_table: bool = True) -> None:
+                 print_table: bool = True, snapshot_step: int | None = None,
+                 snapshot_dir: str | Path = ".") -> None:
+        self.snapshot = None if snapshot_step is None else StepSnapshot(snapshot_step, snapshot_dir)
         self.log_every_n_steps = log_every_n_steps
         self.predicted = dict(predicted or {})
         self.print_table = print_table
@@ -52,6 +61,15 @@ class MemoryMonitor(Callback):
                              batch_idx: int) -> None:
         if self._cuda(pl_module):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        snap = self.snapshot
+        due = snap is not None and snap.written is None and trainer.global_step == snap.step
+        if due and not snap.recording:
+            if self._cuda(pl_module):
+                snap.start(pl_module.device)
+            else:
+                rank_zero_warn("MemoryMonitor: memory snapshots record the CUDA allocator; on "
+                               f"{pl_module.device.type} there is none, so step {snap.step} is not recorded")
+                self.snapshot = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -61,6 +79,8 @@ class MemoryMonitor(Callback):
         self._window_peak = max(self._window_peak, peak)  # over the micro-batches of one step
         if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
             return
+        if self.snapshot is not None and self.snapshot.recording:
+            self._write_snapshot(pl_module.device)
         rss = None if cuda else _current_rss()
         self.last = measure(pl_module, trainer.optimizers, max(self._window_peak, rss or 0))
         if rss is not None:
@@ -74,6 +94,16 @@ class MemoryMonitor(Callback):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if self.snapshot is not None and self.snapshot.recording:
+            self._write_snapshot(pl_module.device, f"stopped by {type(exception).__name__}")
+
+    def _write_snapshot(self, device: torch.device, why: str = "") -> None:
+        pickle_path, text_path = self.snapshot.stop_and_write(device, why)
+        rank_zero_info(f"MemoryMonitor: allocator snapshot of step {self.snapshot.step} in {pickle_path}, "
+                       f"its peak in {text_path}")
 
     def summary(self) -> dict[str, Any]:
         """Bytes at the step of the highest peak: `peak` and each of `PARTS` (and `rss` on CPU)."""

@@ -114,6 +114,8 @@ class TrainerConfig:
     gradient_clip_val: float | None = _f(None, "global gradient-norm clip (null: none)")
     accumulate_grad_batches: int = _f(1, "micro-batches per optimizer step")
     profiler: str | None = _f(None, "Lightning profiler: simple, advanced, pytorch (report in the run dir)")
+    memory_snapshot_step: int | None = _f(None, "CUDA: record the allocator over this optimizer step (0: the "
+                                          "first); snapshot and what its peak held in the run dir")
 
 
 @dataclass
@@ -321,6 +323,11 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise RecipeError(f"{where}: key '{key}': must be >= 1, got {value}", file=where, key=key)
+    step = cfg.trainer.memory_snapshot_step
+    if step is not None and not 0 <= step < cfg.trainer.max_steps:
+        raise RecipeError(f"{where}: key 'trainer.memory_snapshot_step': must be a step in [0, "
+                          f"trainer.max_steps={cfg.trainer.max_steps}), got {step}",
+                          file=where, key="trainer.memory_snapshot_step")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise RecipeError(f"{where}: key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}",
                           file=where, key="lora.dropout")

@@ -164,14 +164,16 @@ def _module(cfg: RecipeConfig, tokenizer_vocab: int) -> L.LightningModule:
                           vocab_size=_vocab_size(cfg, tokenizer_vocab))
 
 
-def _callbacks(cfg: RecipeConfig,
-               extra: Sequence[Callback] = ()) -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
+def _callbacks(cfg: RecipeConfig, extra: Sequence[Callback] = (),
+               run_dir: str = ".") -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
     from qgl.callbacks import MemoryMonitor, method_callbacks
     from qgl.plan import predicted_parts
 
     section = lambda c: OmegaConf.to_container(OmegaConf.structured(c))
     callbacks = [*method_callbacks(cfg.method, section(cfg.qgalore), section(cfg.lora), cfg.seed), *extra]
-    memory, stats = MemoryMonitor(print_table=False, predicted=predicted_parts(cfg)), RunStats()
+    memory = MemoryMonitor(print_table=False, predicted=predicted_parts(cfg),
+                           snapshot_step=cfg.trainer.memory_snapshot_step, snapshot_dir=run_dir)
+    stats = RunStats()
     c = cfg.checkpoint
     ckpt = AtomicModelCheckpoint(dirpath=c.dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=c.every_n_steps or None, save_last=c.save_last,
@@ -214,13 +216,13 @@ def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     L.seed_everything(cfg.seed, workers=True)
     dm = _data_module(cfg)
     module = _module(cfg, dm.vocab_size)
-    callbacks, ckpt, stats, memory = _callbacks(cfg, extra_callbacks)
     logger, run_dir = build_logger(cfg)
     console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
     if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
         console.print(f"W&B runs offline: upload later with `wandb sync {run_dir}`", soft_wrap=True)
     failed = True
     try:
+        callbacks, ckpt, stats, memory = _callbacks(cfg, extra_callbacks, run_dir)
         logger.log_hyperparams(OmegaConf.to_container(OmegaConf.structured(cfg)))
         trainer = _trainer(cfg, callbacks, logger, run_dir)
         start = time.perf_counter()
