@@ -70,7 +70,7 @@ def _notes(method: str, cfg: Any, device: str, public_int8: bool = True) -> str:
         "qlora": f"r {lo.r}, alpha {lo.alpha:g}, NF4 base (bnb Linear4bit), "
                  + ("paged AdamW8bit (its paged states, unified memory, are not in max_memory_allocated)"
                     if device == "cuda" else "AdamW8bit (no paging off CUDA)"),
-        "galore": f"qgl: float weights, fp32 projections, fixed gap, 8-bit moments; {galore}",
+        "galore": f"qgl: float weights, float projections, fixed gap, 8-bit moments; {galore}",
         "qgalore": f"qgl: INT8 weights, INT4 projections, adaptive gap, 8-bit moments; {galore}",
         "galore-torch": f"galore-torch 1.0 GaLoreAdamW8bit via the bnb-0.50 adapter; {galore}",
         "q-galore-torch": f"q-galore-torch 1.0 QGaLoreAdamW8bit via the bnb-0.50 adapter, {weights}; "

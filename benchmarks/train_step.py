@@ -5,7 +5,7 @@
 
 A plain loop, no Lightning: what the optimizer and the INT8 layers cost by themselves. Methods:
 `bf16-adamw` (torch, fused), `qgalore` (INT8 weights, INT4 P, 8-bit moments, layer-wise) and `galore`
-(the same optimizer on the bf16 weights with fp32 P: the INT8/INT4 path's cost is the difference).
+(the same optimizer on the bf16 weights with float P: the INT8/INT4 path's cost is the difference).
 `--check-finite` adds the non-finite gradient check that `qgl train` runs.
 
 Random tokens (throughput and memory do not depend on the data). Each method builds the model

@@ -22,7 +22,7 @@ EXACT = ("int8_weights", "params", "buffers", "optimizer_moments", "projections"
 
 SETTINGS = [
     PlanSettings(precision="32-true", rank=16),
-    # bf16 parameters, asymmetric INT8, fp32 P, a group size that divides nothing, smaller 8-bit floor
+    # bf16 parameters, asymmetric INT8, float P (bf16), a group size that divides nothing, smaller 8-bit floor
     PlanSettings(precision="bf16-true", rank=16, symmetric=False, group_size=100, proj_quant=False,
                  min_8bit_size=1024),
     PlanSettings(precision="32-true", rank=8, optim_bits=32, proj_group_size=100, layerwise=False),

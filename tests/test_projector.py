@@ -8,6 +8,7 @@ import torch
 
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
+from qgl.optim.svd import top_singular_vectors
 from qgl.quant.int4 import Int4Tensor
 
 
@@ -93,12 +94,16 @@ def test_bf16_gradient_gives_fp32_results():
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
 def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
-    """fp32 P, bf16 G (bf16 weights): P is rounded to bf16 for both products, accumulated in fp32
-    (the INT4 path's and GaLore's numerics, at tensor-core speed); fp32 gradients stay all fp32."""
+    """Float P from a bf16 G (bf16 weights) is stored in bf16, the dtype both products use, with fp32
+    accumulation (the INT4 path's and GaLore's numerics, at tensor-core speed); its leading vector
+    stays fp32. The basis of an fp32 gradient stays fp32 and its products too."""
     g = torch.randn(shape).bfloat16()
     proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
     proj.maybe_refresh(g, 0)
-    p16 = proj.basis().bfloat16().float()
+    assert proj.tensors()["proj"].dtype == torch.bfloat16 and proj.tensors()["lead"].dtype == torch.float32
+    exact_basis = top_singular_vectors(g, 4, proj.side, "full")
+    assert torch.equal(proj.basis(), exact_basis.bfloat16().float())
+    p16 = proj.basis()
     right = proj.side == "right"
     low = proj.project(g)
     assert low.dtype == torch.float32
@@ -107,9 +112,14 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     low16 = (low * -1.0).bfloat16().float()  # scale 0.5 x factor -2, then the operand rounding
     want = (low16 @ p16 if right else p16 @ low16).bfloat16()
     assert back.dtype == torch.bfloat16 and torch.equal(back, want)
-    exact = proj.project(g.float())  # an fp32 gradient: fp32 P unrounded
-    torch.testing.assert_close(exact, g.float() @ proj.basis().T if right else proj.basis().T @ g.float())
-    assert proj.project_back(exact).dtype == torch.float32
+    fp32 = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    fp32.maybe_refresh(g.float(), 0)  # an fp32 gradient: P stays fp32, unrounded
+    assert fp32.tensors()["proj"].dtype == torch.float32
+    exact = fp32.project(g.float())
+    torch.testing.assert_close(exact, g.float() @ exact_basis.T if right else exact_basis.T @ g.float())
+    assert fp32.project_back(exact).dtype == torch.float32
+    # A bf16-stored P still serves an fp32 gradient (e.g. a run resumed under another precision).
+    torch.testing.assert_close(proj.project(g.float()), g.float() @ p16.T if right else p16.T @ g.float())
 
 
 def test_nbytes():
@@ -121,6 +131,9 @@ def test_nbytes():
     fp.maybe_refresh(g, 0)
     lead = 256 * 4
     assert fp.nbytes == 64 * 256 * 4 + lead
+    half = GaLoreProjector((512, 256), 64, quantize=False)
+    half.maybe_refresh(g.bfloat16(), 0)
+    assert half.nbytes == 64 * 256 * 2 + lead  # P in the bf16 gradient's dtype, lead in fp32
     n_groups = 64 * 256 // 256
     assert q4.nbytes == 64 * 256 // 2 + 2 * 4 * n_groups + lead  # codes + fp32 scale and zero
     assert q4.nbytes * 5 < fp.nbytes
@@ -128,14 +141,15 @@ def test_nbytes():
 
 def _sample(step: int, base: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + step)
-    return base + 0.3 * torch.randn(base.shape, generator=gen)
+    return base + (0.3 * torch.randn(base.shape, generator=gen)).to(base.dtype)
 
 
-@pytest.mark.parametrize(("shape", "quantize", "method"), [
-    ((64, 32), True, "full"), ((32, 64), True, "randomized"), ((64, 32), False, "randomized"),
+@pytest.mark.parametrize(("shape", "quantize", "method", "dtype"), [
+    ((64, 32), True, "full", torch.float32), ((32, 64), True, "randomized", torch.float32),
+    ((64, 32), False, "randomized", torch.float32), ((32, 64), False, "full", torch.bfloat16),
 ])
-def test_state_dict_round_trip_mid_run(shape, quantize, method):
-    base = torch.randn(shape)
+def test_state_dict_round_trip_mid_run(shape, quantize, method, dtype):
+    base = torch.randn(shape).to(dtype)
     make = lambda: GaLoreProjector(shape, 4, quantize=quantize, svd_method=method, seed=3,
                                    refresh=AdaptiveRefresh(update_proj_gap=5, queue_size=2))
     a = make()
@@ -149,6 +163,7 @@ def test_state_dict_round_trip_mid_run(shape, quantize, method):
     b = GaLoreProjector(shape, 4, quantize=quantize, svd_method=method, seed=3)  # default refresh
     b.load_state_dict(torch.load(buf))
     assert torch.equal(a.basis(), b.basis())
+    assert {k: v.dtype for k, v in a.tensors().items()} == {k: v.dtype for k, v in b.tensors().items()}
 
     for step in range(23, 120):
         g = _sample(step, base)

@@ -11,9 +11,11 @@ the dtype asked for). A 16-bit gradient is multiplied on 16-bit operands (P roun
 with fp32 accumulation, as the INT4 path is and GaLore's reference; fp32 gradients in fp32.
 
 P is stored as `qgl.quant.Int4Tensor` (group-wise asymmetric INT4, two nibbles a byte) when
-`quantize`, else in fp32. The leading singular vector is also kept in fp32 (m or n floats): the
-next refresh compares against it, and its INT4 copy would add quantization noise to a cosine
-that decides the schedule.
+`quantize`, else in the dtype it is multiplied in: that of the gradient it was computed from if
+16-bit (its products round P to 16 bits anyway, so fp32 storage would hold bits no product reads;
+GaLore's reference keeps P in the weight's dtype too), else fp32. The leading singular vector is
+kept in fp32 (m or n floats): the next refresh compares against it, and a rounded copy would add
+noise to a cosine that decides the schedule.
 
 Synchronization: on CUDA, `maybe_refresh` synchronizes the device before and after the SVD to
 time it, and reads the cosine with `.item()`. Refresh steps are the only sync points; `project`
@@ -128,7 +130,10 @@ class GaLoreProjector:
             denom = (lead.norm() * old.norm()).clamp_min(1e-30)
             cos = (torch.dot(lead, old).abs() / denom).item()
         self._lead = lead
-        self._p = Int4Tensor.from_float(basis, self.group_size) if self.quantize else basis
+        if self.quantize:
+            self._p = Int4Tensor.from_float(basis, self.group_size)
+        else:
+            self._p = basis.to(grad.dtype) if grad.dtype in _HALF else basis
         self.refresh.record(step, cos, seconds)
         return True
 
@@ -145,9 +150,9 @@ class GaLoreProjector:
         if self._half is not None:
             # A 16-bit gradient (16-bit weights): P rounded to its dtype, fp32 accumulation, as
             # the INT4 path and GaLore's reference compute; no fp32 copy of G, tensor-core speed.
-            p16 = p.to(self._half)
+            p16 = p.to(self._half)  # a no-op unless the dtype of the gradients changed since the refresh
             return mm16(grad, p16.T) if self.side == "right" else mm16(p16.T, grad)
-        g = grad.float()
+        g, p = grad.float(), p.float()
         return g @ p.T if self.side == "right" else p.T @ g
 
     def project_back(
@@ -168,14 +173,15 @@ class GaLoreProjector:
         if self._half is not None:  # the projected gradient was 16-bit: the same operands here
             low16, p16 = low.to(self._half), p.to(self._half)
             return mm16(low16, p16, out_dtype) if self.side == "right" else mm16(p16, low16, out_dtype)
+        p = p.float()
         return (low @ p if self.side == "right" else p @ low).to(out_dtype)
 
     def basis(self) -> Tensor | None:
-        """P as used by the projections (dequantized if stored INT4), fp32, or None before the
+        """P as used by the projections (dequantized if stored INT4), in fp32, or None before the
         first refresh."""
         if self._p is None:
             return None
-        return self._p.dequantize(torch.float32) if isinstance(self._p, Int4Tensor) else self._p
+        return self._p.dequantize(torch.float32) if isinstance(self._p, Int4Tensor) else self._p.float()
 
     @property
     def nbytes(self) -> int:
@@ -190,7 +196,7 @@ class GaLoreProjector:
         return total
 
     def tensors(self) -> dict[str, Tensor]:
-        """The tensors held, by name: P's storage (`packed`/`scale`/`zero` if INT4, `proj` if fp32)
+        """The tensors held, by name: P's storage (`packed`/`scale`/`zero` if INT4, `proj` if float)
         and the leading vector `lead`; empty before the first refresh (for moving them, offload)."""
         out: dict[str, Tensor] = {}
         if isinstance(self._p, Int4Tensor):
@@ -217,7 +223,7 @@ class GaLoreProjector:
 
     def state_dict(self) -> dict:
         """Tensors, numbers, lists and None only (no strings: `torch.optim.Optimizer.load_state_dict`
-        mangles them). P appears as `proj_packed`/`proj_scale`/`proj_zero` (INT4) or `proj` (fp32)."""
+        mangles them). P appears as `proj_packed`/`proj_scale`/`proj_zero` (INT4) or `proj` (stored)."""
         d: dict = {"shape": list(self.shape), "rank": self.rank, "quantize": self.quantize,
                    "group_size": self.group_size, "lead": self._lead, "refresh": self.refresh.state_dict()}
         if isinstance(self._p, Int4Tensor):
@@ -242,7 +248,8 @@ class GaLoreProjector:
                 "packed": d["proj_packed"].to(torch.uint8), "scale": d["proj_scale"].float(),
                 "zero": d["proj_zero"].float(), "shape": self.basis_shape, "group_size": self.group_size})
         else:
-            self._p = None if d["proj"] is None else d["proj"].float()
+            proj = d["proj"]
+            self._p = None if proj is None else (proj if proj.dtype in _HALF else proj.float())
 
     # -- helpers --------------------------------------------------------------------------------
 

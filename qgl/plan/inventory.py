@@ -112,11 +112,13 @@ def moments_nbytes(numel: int, bits: int = 8, min_8bit_size: int = MIN_8BIT_SIZE
     return 2 * (numel + 4 * math.ceil(numel / BLOCK_8BIT))
 
 
-def projection_nbytes(p: ParamInfo, quantize: bool = True, group_size: int = 256) -> int:
+def projection_nbytes(p: ParamInfo, quantize: bool = True, group_size: int = 256,
+                      float_bytes: int = 4) -> int:
     """GaLore projector: P in INT4 (ceil(k/2) packed bytes + fp32 scale and zero per group of its
-    k elements) or fp32 (4k), plus the fp32 leading singular vector."""
+    k elements) or as a float (`float_bytes` k: the gradient's dtype, 2 for 16-bit weights, else 4),
+    plus the fp32 leading singular vector."""
     k = math.prod(p.basis_shape)
-    stored = (k + 1) // 2 + 8 * math.ceil(k / group_size) if quantize else 4 * k
+    stored = (k + 1) // 2 + 8 * math.ceil(k / group_size) if quantize else float_bytes * k
     return stored + 4 * p.lead_numel
 
 
@@ -125,7 +127,10 @@ def state_nbytes(p: ParamInfo, s: PlanSettings) -> tuple[int, int]:
     if not s.qgalore:  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
         return 2 * s.dtype_bytes[0] * p.numel, 0
     moments = moments_nbytes(math.prod(p.low_shape), s.optim_bits, s.min_8bit_size)
-    return moments, (0 if p.rank is None else projection_nbytes(p, s.proj_quant, s.proj_group_size))
+    if p.rank is None:
+        return moments, 0
+    float_bytes = 2 if s.dtype_bytes[0] == 2 else 4  # a float P is stored in its gradient's dtype
+    return moments, projection_nbytes(p, s.proj_quant, s.proj_group_size, float_bytes)
 
 
 def grad_nbytes(p: ParamInfo, s: PlanSettings) -> int:
@@ -152,10 +157,10 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     Refresh (full SVD): copy + 4 (2 m n + k^2): the input LAPACK/cuSOLVER overwrites, Vh (or U) and the
     k x k factor; randomized: copy + 16 (r + 8)(m + n) (sketch, QR and power-iteration blocks).
     Update (`QGaLoreAdamW._update_param`), the low-rank gradient (4L) alive throughout, plus the
-    largest of: the projection (16-bit products, with INT4 P or a 16-bit gradient: P's 16-bit copy,
-    2P; fp32 P and gradient: nothing); Adam's on L; the back-projection: direction and its scaled
-    copy (8L), with 16-bit products P's 16-bit copy and the low side cast (cuBLAS: 2 (P + L)), and
-    the (m, n) update, bf16 for an INT8 weight (consumed in place by the INT8 update), fp32 otherwise.
+    largest of: the projection (INT4 P: its dequantized 16-bit copy, 2P; a float P is stored in the
+    gradient's dtype: nothing); Adam's on L; the back-projection: direction and its scaled copy (8L),
+    with 16-bit products the low side's cast (2L) and INT4 P's 16-bit copy (2P), and the (m, n)
+    update, bf16 for an INT8 weight (consumed in place by the INT8 update), fp32 otherwise.
     """
     pb = s.dtype_bytes[0]
     n = p.numel
@@ -177,6 +182,7 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     low = math.prod(p.low_shape)
     basis = math.prod(p.basis_shape)
     mm16 = s.proj_quant or pb != 4  # the products run on 16-bit operands (projector.py)
-    back = 8 * low + (2 * (basis + low) if mm16 else 0) + (2 if p.int8 else 4) * n
-    update = 4 * low + max(2 * basis if mm16 else 0, adam(low, low), back)
+    p16 = 2 * basis if s.proj_quant else 0  # INT4 P dequantized for a product
+    back = 8 * low + (2 * low if mm16 else 0) + p16 + (2 if p.int8 else 4) * n
+    update = 4 * low + max(p16, adam(low, low), back)
     return max(refresh, update)

@@ -242,7 +242,8 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
                                  f"{s.optim_bits}-bit: 2 (N + 4 ceil(N/256)) for N >= {s.min_8bit_size}, "
                                  "else 8 N (fp32); N = low-rank numel for GaLore"),
            "projections": (f"INT4 P: ceil(k/2) + 8 ceil(k/{s.proj_group_size}) + 4 x leading vector"
-                           if s.proj_quant else "fp32 P: 4 k + 4 x leading vector"),
+                           if s.proj_quant else f"float P in the gradients' dtype: {2 if pb == 2 else 4} k "
+                           "+ 4 x leading vector"),
            "weight_copies": (f"autocast's {cb} B copies of {len(copies)} non-INT8 linear weights" if autocast
                              else "none without autocast"),
            "workspace": "cuBLAS workspaces (2 streams x 32 MiB) + 64 MiB allocator slack"}

@@ -111,7 +111,7 @@ class PlanSettings:
     @classmethod
     def from_recipe(cls, cfg: RecipeConfig) -> PlanSettings:
         """The settings of a resolved recipe (`qgl.config.load_recipe`). Methods: qgalore; galore (float
-        weights, fp32 P, as `qgl.callbacks.methods.GALORE`); full / adamw (torch AdamW)."""
+        weights, float P, as `qgl.callbacks.methods.GALORE`); full / adamw (torch AdamW)."""
         if cfg.method not in PLANNABLE_METHODS:
             raise PlanError(f"method {cfg.method!r} cannot be planned yet "
                             f"(plannable: {', '.join(PLANNABLE_METHODS)})")
