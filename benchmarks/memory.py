@@ -41,21 +41,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # only benchmarks/ (see methods.py)
 
+from _cli import choice_list  # noqa: E402
 from _memory_child import GIB, METHODS, MODELS, ROW_PREFIX, is_oom, measure, predicted_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CAPS = (12.0, 10.0, 9.0, 8.0, 7.0, 6.0)
 Runner = Callable[[list[str], float, dict[str, str]], dict[str, Any]]
-
-
-def _list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        unknown = [t for t in items if t not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; known: {','.join(choices)}")
-        return items
-    return parse
 
 
 def _caps(text: str) -> list[float]:
@@ -70,8 +61,8 @@ def _caps(text: str) -> list[float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=_list(MODELS), default=["130m", "1b", "7b"])
-    ap.add_argument("--methods", type=_list(METHODS), default=list(METHODS))
+    ap.add_argument("--models", type=choice_list(MODELS, "models"), default=["130m", "1b", "7b"])
+    ap.add_argument("--methods", type=choice_list(METHODS, "methods"), default=list(METHODS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)

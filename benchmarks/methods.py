@@ -46,6 +46,7 @@ from lightning.pytorch.callbacks import Callback
 # shadow the `kernels` package that bitsandbytes tries to import.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import choice_list  # noqa: E402
 from _public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
 
 from qgl.callbacks.methods import METHODS  # noqa: E402
@@ -187,12 +188,7 @@ def per_method_override(text: str) -> tuple[str, str]:
     return method, override
 
 
-def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {','.join(ALL)}")
-    return methods
+_methods = choice_list(ALL, "methods")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from qgl.models.llama import LlamaForCausalLM
 from qgl.nn import quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # only benchmarks/ (see methods.py)
+from _cli import choice_list  # noqa: E402
 
 METHODS = ("bf16-adamw", "qgalore", "galore")
 
@@ -103,14 +108,6 @@ def measure(
     return result
 
 
-def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {','.join(METHODS)}")
-    return methods
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="60m")
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables (after timing)")
-    ap.add_argument("--methods", default="bf16-adamw,qgalore", type=_methods,
+    ap.add_argument("--methods", default="bf16-adamw,qgalore", type=choice_list(METHODS, "methods"),
                     help=f"comma-separated, the first is the baseline: {','.join(METHODS)}")
     ap.add_argument("--check-finite", action="store_true", help="the non-finite gradient check of qgl train")
     args = ap.parse_args(argv)
