@@ -110,6 +110,9 @@ class MemoryMonitor(Callback):
         return dict(self.peak)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.snapshot is not None and self.snapshot.written is None:
+            rank_zero_warn(f"MemoryMonitor: optimizer step {self.snapshot.step} was not run in this fit "
+                           f"(it ran steps up to {trainer.global_step}), so it was not recorded")
         if self.print_table and self.peak:
             self._print()  # not pl_module.device: Lightning moved the module to the CPU at teardown
 

@@ -82,11 +82,10 @@ def test_snapshot_step_is_checked():
     assert cfg.trainer.memory_snapshot_step == 4
 
 
-def test_on_cpu_the_monitor_warns_and_trains_on(tmp_path):
+def _fit_tiny(monitor, max_steps: int):
+    """A 4 -> 1 linear regression trained by Lightning on the CPU with `monitor`."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
-
-    from qgl.callbacks import MemoryMonitor
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -100,12 +99,27 @@ def test_on_cpu_the_monitor_warns_and_trains_on(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32)), batch_size=8)
-    monitor = MemoryMonitor(print_table=False, snapshot_step=1, snapshot_dir=tmp_path)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, callbacks=[monitor], logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=[monitor], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), data)
+    return trainer
+
+
+def test_on_cpu_the_monitor_warns_and_trains_on(tmp_path):
+    from qgl.callbacks import MemoryMonitor
+
+    monitor = MemoryMonitor(print_table=False, snapshot_step=1, snapshot_dir=tmp_path)
     with pytest.warns(UserWarning, match="memory snapshots record the CUDA allocator"):
-        trainer.fit(Tiny(), data)
+        trainer = _fit_tiny(monitor, max_steps=3)
     assert trainer.global_step == 3 and monitor.snapshot is None and not list(tmp_path.iterdir())
+
+
+def test_a_snapshot_step_the_fit_never_runs_is_reported(tmp_path):
+    from qgl.callbacks import MemoryMonitor
+
+    monitor = MemoryMonitor(print_table=False, snapshot_step=7, snapshot_dir=tmp_path)
+    with pytest.warns(UserWarning, match="optimizer step 7 was not run in this fit"):
+        _fit_tiny(monitor, max_steps=2)
 
 
 @pytest.mark.cuda
