@@ -95,6 +95,9 @@ def peak_report(snapshot: Mapping[str, Any], baseline_bytes: int, device: int = 
     "free_completed" (the caching allocator's `allocated_bytes`, which `max_memory_allocated`
     tracks, falls when a free is requested; a block used by another stream stays reserved until
     its free completes). A free of a block the trace never saw allocated comes off the baseline.
+    The trace gives requested sizes, the allocator counts its blocks (rounded up to 512 B, and a
+    reused cached block may be up to 1 MiB larger than asked): the replayed peak can differ from
+    `max_memory_allocated` by that rounding, never by a tensor.
     """
     traces = snapshot.get("device_traces") or []
     trace = traces[device] if device < len(traces) else []

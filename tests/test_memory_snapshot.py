@@ -148,7 +148,9 @@ def test_replayed_peak_of_a_cuda_step_is_max_memory_allocated(tmp_path):
     with open(pickle_path, "rb") as f:
         report = peak_report(pickle.load(f), baseline)
     assert report.events > 0, "the allocator recorded nothing"
-    assert abs(report.peak_bytes - measured) <= MIB, (measured / MIB, report.format())
+    # Trace sizes are as requested, the allocator's blocks rounded up: equal up to that rounding.
+    slack = max(2 * MIB, 0.01 * measured)
+    assert abs(report.peak_bytes - measured) <= slack, (measured / MIB, report.format())
     assert report.before_bytes + sum(s.nbytes for s in report.sites) == report.peak_bytes
     assert sum(s.nbytes for s in report.sites) >= 2048 * 4096 * 4  # at least one (2048, 4096) fp32 activation
     assert "peak allocated:" in text_path.read_text()
