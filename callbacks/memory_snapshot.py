@@ -24,8 +24,9 @@ import torch
 
 from qgl._atomic import atomic_open
 
-OUR_CODE = ("/qgl/", "/benchmarks/", "/tests/")
-"""Path fragments of the frames that name an allocation's site (the first of them, innermost first)."""
+LIBRARY_CODE = ("site-packages/", "dist-packages/", "/lib/python3", "<")
+"""Path fragments of library frames (torch, Lightning, the standard library); an allocation's site is
+the innermost frame outside them: the user's code, or qgl's wherever it is installed."""
 
 _MIB = 2**20
 
@@ -58,8 +59,8 @@ class PeakReport:
         lines = [f"peak allocated: {self.peak_bytes / _MIB:,.1f} MiB (at trace entry {self.event_index} "
                  f"of {self.events})",
                  f"  allocated before the recording, alive at the peak: {self.before_bytes / _MIB:,.1f} MiB",
-                 "  allocated during the recording, alive at the peak, by site (innermost frame of "
-                 f"{'/'.join(s.strip('/') for s in OUR_CODE)} code [innermost frame]):"]
+                 "  allocated during the recording, alive at the peak, by site (innermost frame outside "
+                 "the libraries [innermost frame]):"]
         for s in self.sites[:top]:
             lines.append(f"  {s.nbytes / _MIB:>10,.1f} MiB  {s.count:>5} x  {s.where}")
         rest = self.sites[top:]
@@ -68,21 +69,28 @@ class PeakReport:
         return "\n".join(lines)
 
 
+def _is_library(filename: str) -> bool:
+    return "/qgl/" not in filename and any(m in filename for m in LIBRARY_CODE)
+
+
 def _short(filename: str) -> str:
-    for marker in ("site-packages/", *OUR_CODE):
+    """A path from its package (`torch/...`, `qgl/...`) or, for other code, its last three parts."""
+    for marker in ("site-packages/", "dist-packages/"):
         i = filename.rfind(marker)
         if i >= 0:
-            return filename[i + len(marker):] if marker == "site-packages/" else filename[i + 1:]
-    return filename
+            return filename[i + len(marker):]
+    i = filename.rfind("/qgl/")
+    return filename[i + 1:] if i >= 0 else "/".join(filename.split("/")[-3:])
 
 
 def site_of(frames: Sequence[Mapping[str, Any]]) -> str:
-    """Where an allocation was made: the innermost frame in our code (`OUR_CODE`), then, in brackets,
-    the innermost frame of all when that is elsewhere (torch's, say). `frames` innermost first."""
+    """Where an allocation was made: the innermost frame outside the libraries (`LIBRARY_CODE`), then,
+    in brackets, the innermost frame of all when that is a library's (torch's, say). `frames`
+    innermost first."""
     if not frames:
         return "<no Python frame>"
     fmt = lambda f: f"{_short(str(f.get('filename', '?')))}:{f.get('line', '?')} {f.get('name', '?')}"
-    ours = next((f for f in frames if any(m in str(f.get("filename", "")) for m in OUR_CODE)), None)
+    ours = next((f for f in frames if not _is_library(str(f.get("filename", "")))), None)
     if ours is None:
         return f"[{fmt(frames[0])}]"
     return fmt(ours) if ours is frames[0] else f"{fmt(ours)} [{fmt(frames[0])}]"

@@ -31,12 +31,20 @@ def trace(*events: tuple) -> dict:
         for a, addr, mib, frames in events]]}
 
 
-def test_site_names_the_innermost_frame_of_our_code_and_the_innermost_frame():
+def test_site_names_the_innermost_frame_outside_the_libraries_and_the_innermost_frame():
     assert site_of([TORCH, OURS, OUTER]) == ("qgl/optim/projector.py:187 project_back "
                                              "[torch/nn/functional.py:2380 linear]")
     assert site_of([OURS, OUTER]) == "qgl/optim/projector.py:187 project_back"
     assert site_of([TORCH]) == "[torch/nn/functional.py:2380 linear]"
     assert site_of([]) == "<no Python frame>"
+    # A user's own module counts as code; qgl counts as code when installed in site-packages too.
+    user = frame("/home/me/project/models/net.py", 12, "forward")
+    assert site_of([TORCH, user, OURS]) == ("project/models/net.py:12 forward "
+                                            "[torch/nn/functional.py:2380 linear]")
+    installed = frame("/venv/lib/python3.11/site-packages/qgl/nn/qlinear.py", 80, "forward")
+    assert site_of([TORCH, installed]).startswith("qgl/nn/qlinear.py:80 forward")
+    stdlib = frame("/usr/lib/python3.11/contextlib.py", 81, "inner")
+    assert site_of([stdlib, TORCH]) == "[lib/python3.11/contextlib.py:81 inner]"
 
 
 def test_replay_finds_the_peak_and_what_was_alive_there():
