@@ -155,6 +155,25 @@ def test_fit_prefers_plain_settings_and_falls_back_to_checkpointing_and_offload(
     assert plan.fit(GIB) == [] and "none: the smallest needs" in plan.fit_table(GIB)
 
 
+def test_when_the_global_batch_fits_nowhere_the_plan_offers_settings_without_accumulation():
+    # LLaMA-7B, 16 x 32 accumulated: layer-wise updates hold a full fp32 gradient over the window.
+    plan = plan_memory("7b", batch_size=16, accumulate=32, checkpointing=True, rank=1024)
+    budget = 16 * GIB
+    assert plan.fit(budget) == []
+    single = [f for f in plan.single_step_candidates() if f.total + CUDA_CONTEXT_BYTES <= budget]
+    assert single and all(f.settings.accumulate == 1 and f.settings.batch_size <= 512 for f in single)
+    text = plan.fit_table(budget)
+    assert "none: the smallest needs" in text and "without accumulation" in text
+    rows = [line for line in text.splitlines() if "GiB  micro-batch" in line]
+    assert rows and all("trainer.accumulate_grad_batches=1" in r for r in rows)
+    # The recipe's micro-batch with CPU offload is among them, its overrides exactly what changed.
+    offloaded = "[trainer.accumulate_grad_batches=1 qgalore.offload=cpu]"
+    assert any(r.endswith(offloaded) and "micro-batch 16 " in r for r in rows)
+    # Nothing to change: no brackets.
+    roomy = plan_memory("60m", batch_size=4).fit_table(80 * GIB)
+    assert "none" not in roomy and "[" not in roomy.splitlines()[1]
+
+
 def test_settings_from_recipe_and_errors():
     cfg = load_recipe("pretrain/llama_7b", ["data.source=x", "qgalore.offload=cpu"])
     s = PlanSettings.from_recipe(cfg)

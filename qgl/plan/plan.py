@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from qgl.config import RecipeConfig
 from qgl.models.llama import LLAMA_CONFIGS, LlamaConfig
@@ -101,6 +101,26 @@ class MemoryPlan:
                     out.append(Fit(t, _plan(self.name, self.config, t, self._inventory).total))
         return out
 
+    def single_step_candidates(self) -> list[Fit]:
+        """Settings without accumulation (the global batch becomes the micro-batch): micro-batches 1, 2,
+        4, ... up to the global batch, offload off/cpu, checkpointing off/on, in the recipe's precision
+        and, from bf16-mixed, in bf16-true (16-bit parameters: embeddings, norms and head lose their
+        fp32 copies). What `fit_table` offers when the global batch fits nowhere, because layer-wise
+        updates that accumulate hold a full gradient over the window."""
+        s = self.settings
+        global_batch = s.batch_size * s.accumulate
+        micro = sorted({2**k for k in range(global_batch.bit_length())} | {global_batch})
+        precisions = (s.precision, "bf16-true") if s.precision == "bf16-mixed" else (s.precision,)
+        out = []
+        for precision in precisions:
+            for offload in ((None, "cpu") if s.qgalore else (None,)):
+                for ckpt in (False, True):
+                    for mb in (m for m in micro if m <= global_batch):
+                        t = s.replace(precision=precision, offload=offload, checkpointing=ckpt, batch_size=mb,
+                                      accumulate=1)
+                        out.append(Fit(t, _plan(self.name, self.config, t, self._inventory).total))
+        return out
+
     def fit(self, budget: int, reserve: int = CUDA_CONTEXT_BYTES) -> list[Fit]:
         """Settings whose total + `reserve` fits `budget` bytes, the fastest first: no offload before
         offload, no checkpointing before checkpointing, then the largest micro-batch."""
@@ -128,12 +148,38 @@ class MemoryPlan:
         head = (f"settings that fit {budget / GIB:.2f} GiB ({reserve / GIB:.2f} GiB kept for the CUDA "
                 f"context), "
                 f"global batch {self.settings.batch_size * self.settings.accumulate}:")
+        base = self.settings
+        row = lambda f: f"  {f.total / GIB:6.2f} GiB  {f.settings.describe()}{_overrides(base, f.settings)}"
         fits = self.fit(budget, reserve)
-        if not fits:
-            best = min(self.candidates(), key=lambda f: f.total)
-            return (f"{head}\n  none: the smallest needs {(best.total + reserve) / GIB:.2f} GiB "
-                    f"({best.settings.describe()})")
-        return "\n".join([head] + [f"  {f.total / GIB:6.2f} GiB  {f.settings.describe()}" for f in fits])
+        if fits:
+            return "\n".join([head, *map(row, fits)])
+        best = min(self.candidates(), key=lambda f: f.total)
+        lines = [head, f"  none: the smallest needs {(best.total + reserve) / GIB:.2f} GiB "
+                       f"({best.settings.describe()})"]
+        single = sorted((f for f in self.single_step_candidates() if f.total + reserve <= budget),
+                        key=lambda f: (f.settings.precision != base.precision, f.settings.offload is not None,
+                                       f.settings.checkpointing, -f.settings.batch_size))
+        if single:
+            lines.append("without accumulation (global batch = micro-batch), the recipe's precision first, "
+                         "then the fastest; the overrides in brackets:")
+            lines += map(row, single[:8])
+        return "\n".join(lines)
+
+
+_RECIPE_KEYS = {"batch_size": "data.batch_size", "accumulate": "trainer.accumulate_grad_batches",
+                "precision": "trainer.precision", "checkpointing": "model.activation_checkpointing",
+                "offload": "qgalore.offload"}
+
+
+def _overrides(base: PlanSettings, new: PlanSettings) -> str:
+    """The recipe overrides that turn `base` into `new` (`  [key=value ...]`), or "" if none."""
+    changed = [f"{key}={_yaml(getattr(new, field))}" for field, key in _RECIPE_KEYS.items()
+               if getattr(new, field) != getattr(base, field)]
+    return f"  [{' '.join(changed)}]" if changed else ""
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 _PHASE_HOW = {"loss": "persistent + activations + logits",
