@@ -175,8 +175,8 @@ def header(recipe: str | None, overrides: list[str], steps: int, device: str) ->
             f"{lightning.__version__}, {datetime.date.today()}; recipe {recipe or 'tiny'} "
             f"{' '.join(overrides)}; model {cfg.model.hf_path or cfg.model.name}, batch "
             f"{cfg.data.batch_size} x {cfg.data.block_size} tokens x {cfg.trainer.accumulate_grad_batches} "
-            "accumulated, precision "
-            f"{cfg.trainer.precision}, {steps} steps, seed {cfg.seed}; {memory}")
+            f"accumulated, precision {cfg.trainer.precision} (the recipe's; a method's own overrides, listed "
+            f"last, replace it), {steps} steps, seed {cfg.seed}; {memory}")
 
 
 def per_method_override(text: str) -> tuple[str, str]:
