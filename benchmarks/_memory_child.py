@@ -16,7 +16,9 @@ Methods, all on bf16 parameters with activation checkpointing, the recipe's lr/b
   float model on the GPU), `make_param_groups` + `QGaLoreAdamW(layerwise=True)` with the recipe's
   Q-GaLore settings; qgl-offload adds `offload="cpu"` (pinned host memory, side-stream copies),
   qgl-paged `offload="paged"` (bitsandbytes paged 8-bit moments in CUDA unified memory, which the
-  driver pages in on use; they are outside `max_memory_allocated`, so `offloaded_bytes` reports them).
+  driver pages in on use; they are outside `max_memory_allocated`, so `offloaded_bytes` reports them);
+- qgl-galore: qgl's GaLore (`method=galore`: the float bf16 model, float P, fixed gap, 8-bit moments,
+  layer-wise), beside galore-torch on the same weights.
 
 The float models are built on the meta device, then materialised in bf16 (`to_empty` +
 `init_weights`): no fp32 copy on the GPU either.
@@ -33,8 +35,9 @@ from typing import Any
 
 import torch
 
-METHODS = ("bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged")
-OFFLOAD = {"qgl": None, "qgl-offload": "cpu", "qgl-paged": "paged"}  # the qgl rows: QGaLoreAdamW(offload=)
+METHODS = ("bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged", "qgl-galore")
+# The qgl rows and their QGaLoreAdamW(offload=...).
+OFFLOAD = {"qgl": None, "qgl-offload": "cpu", "qgl-paged": "paged", "qgl-galore": None}
 MODELS = ("60m", "130m", "350m", "1b", "7b")
 ROW_PREFIX = "MEMORY_ROW "
 GIB = 2**30
@@ -43,12 +46,13 @@ _GALORE_KEYS = ("update_proj_gap", "scale", "proj_quant", "proj_group_size", "ad
 _OOM_MARKERS = ("out of memory", "ALLOC_FAILED")
 
 
-def recipe(model: str, seq: int, svd: str | None = None) -> Any:
+def recipe(model: str, seq: int, svd: str | None = None, method: str = "qgl") -> Any:
     """The resolved pre-training recipe of `model` (its rank, lr, Q-GaLore settings), block `seq`;
-    `svd` ("full" | "randomized") replaces its svd_method."""
+    `svd` ("full" | "randomized") replaces its svd_method; row `method` "qgl-galore" sets method=galore."""
     from qgl.config import load_recipe
 
-    overrides = ["data.source=unused", f"data.block_size={seq}", "model.activation_checkpointing=true"]
+    overrides = ["data.source=unused", f"data.block_size={seq}", "model.activation_checkpointing=true",
+                 f"method={'galore' if method == 'qgl-galore' else 'qgalore'}"]
     if svd is not None:
         overrides.append(f"qgalore.svd_method={svd}")
     return load_recipe(f"pretrain/llama_{model}", overrides)
@@ -61,7 +65,7 @@ def predicted_bytes(model: str, method: str, batch: int, seq: int, svd: str | No
         return None
     from qgl.plan import PlanSettings, plan_memory
 
-    cfg = recipe(model, seq, svd)
+    cfg = recipe(model, seq, svd, method)
     s = PlanSettings.from_recipe(cfg).replace(
         batch_size=batch, seq_len=seq, accumulate=1, checkpointing=True, precision="bf16-true",
         layerwise=True, offload=OFFLOAD[method])
@@ -86,13 +90,19 @@ def build(method: str, cfg: Any, device: torch.device) -> tuple[torch.nn.Module,
     q, o = cfg.qgalore, cfg.optim
     common = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     if method in OFFLOAD:
+        from qgl.callbacks.methods import GALORE
         from qgl.models.build import build_quantized_llama
         from qgl.optim import QGaLoreAdamW, make_param_groups
 
-        model = build_quantized_llama(config, device, torch.bfloat16, q.target_modules, q.exclude,
-                                      q.group_size, q.symmetric)
+        galore = {k: getattr(q, k) for k in _GALORE_KEYS}
+        if method == "qgl-galore":
+            model = _float_model(config, device)
+            galore.update((k, v) for k, v in GALORE.items() if k in galore)  # float P, fixed gap
+        else:
+            model = build_quantized_llama(config, device, torch.bfloat16, q.target_modules, q.exclude,
+                                          q.group_size, q.symmetric)
         groups = make_param_groups(model, q.rank, q.target_modules, q.exclude, weight_decay=o.weight_decay,
-                                   **{k: getattr(q, k) for k in _GALORE_KEYS})
+                                   **galore)
         return model, QGaLoreAdamW(groups, **common, optim_bits=q.optim_bits, min_8bit_size=q.min_8bit_size,
                                    layerwise=True, layerwise_clip_norm=q.layerwise_clip_norm,
                                    offload=OFFLOAD[method])
@@ -190,7 +200,7 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
                                cap_gib=cap_gib, device=torch.cuda.get_device_name(device),
                                date=datetime.date.today().isoformat(),
                                total_memory_bytes=total, **_versions())
-    cfg = recipe(model, seq, svd)
+    cfg = recipe(model, seq, svd, method)
     row.update(rank=cfg.qgalore.rank, svd_method=cfg.qgalore.svd_method, status="ok")
     peaks: dict[str, int] = {}
     reserved: list[int] = []

@@ -1,8 +1,9 @@
 """Peak GPU memory of a training step: bf16 AdamW, bitsandbytes AdamW8bit, galore-torch and qgl
-Q-GaLore without and with optimizer-state offload, per model, one table; qgl beside its planner.
+Q-GaLore without and with optimizer-state offload (and qgl's GaLore on the float weights), per model,
+one table; qgl beside its planner.
 
-    python benchmarks/memory.py --models 130m,1b,7b \\
-        --methods bf16-adamw,adamw8bit,galore-torch,qgl,qgl-offload,qgl-paged --batch 1 --seq 256 --steps 4
+    python benchmarks/memory.py --models 130m,1b,7b --batch 1 --seq 256 --steps 4 \\
+        --methods bf16-adamw,adamw8bit,galore-torch,qgl,qgl-offload,qgl-paged,qgl-galore
     python benchmarks/memory.py --models 7b --methods qgl,qgl-offload --cap-gib 16   # 7B in 16 GB
     python benchmarks/memory.py --find-min-cap --caps 10,9,8.5,8                    # 7B offload, smallest cap
     python benchmarks/memory.py --report a.json b.json --out benchmarks/results/memory_h100_<date>.json

@@ -36,7 +36,8 @@ def test_arguments(memory):
     ns = memory.parse_args([])
     assert (ns.models, ns.methods, ns.batch, ns.seq, ns.steps, ns.warmup) == (
         ["130m", "1b", "7b"],
-        ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged"], 1, 256, 4, 1)
+        ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload", "qgl-paged", "qgl-galore"],
+        1, 256, 4, 1)
     assert ns.cap_gib is None and not ns.find_min_cap and ns.caps == [12, 10, 9, 8, 7, 6]
     ns = memory.parse_args(["--models", "7b", "--methods", "qgl,qgl-offload", "--cap-gib", "16",
                             "--caps", "8,9.5,8", "--svd", "randomized"])
@@ -159,6 +160,11 @@ def test_predictions_are_the_planners(memory):
     assert predicted_bytes("7b", "qgl-offload", 1, 256) == plan_memory(cfg, s).total < 8 * GIB
     assert predicted_bytes("7b", "qgl", 1, 256) == plan_memory(cfg, s.replace(offload=None)).total < 12 * GIB
     assert predicted_bytes("7b", "qgl-paged", 1, 256) == plan_memory(cfg, s.replace(offload="paged")).total
+    galore = recipe("7b", 256, method="qgl-galore")
+    g = PlanSettings.from_recipe(galore).replace(batch_size=1, seq_len=256, accumulate=1, checkpointing=True,
+                                                 precision="bf16-true", layerwise=True, offload=None)
+    assert not g.quantize_weights and not g.proj_quant
+    assert predicted_bytes("7b", "qgl-galore", 1, 256) == plan_memory(galore, g).total > 12 * GIB
 
 
 def test_paged_row_needs_cuda_and_says_so(memory):
@@ -173,7 +179,8 @@ def test_paged_row_needs_cuda_and_says_so(memory):
         build("qgl-paged", cfg, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("method", ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload"])
+@pytest.mark.parametrize("method", ["bf16-adamw", "adamw8bit", "galore-torch", "qgl", "qgl-offload",
+                                    "qgl-galore"])
 def test_every_method_builds_and_trains_on_cpu(memory, method, one_thread):
     from _memory_child import build, train_step
     from _public_adapters import available
