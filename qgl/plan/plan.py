@@ -182,7 +182,7 @@ def _yaml(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-_PHASE_HOW = {"loss": "persistent + activations + logits",
+_PHASE_HOW = {"loss": "persistent + activations (less the recomputed block) + logits",
               "backward": "persistent + activations + gradients + grads_in_flight (+ update temporaries)",
               "step": "persistent + gradients + optimizer_step (activations freed)"}
 
@@ -254,7 +254,9 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
     how["grads_in_flight"] = "activation gradients in backward: 2 r h + 3 c i B a token (estimate)"
     parts["logits"] = act.logits
     how["logits"] = f"12 V B a token (fp32 log-probs, their and the logits' gradient), V={config.vocab_size}"
-    phases = _phases(parts, s, loss_states)
+    # With checkpointing the recomputed block exists only in backward, after the loss's peak.
+    recomputed = block * s.batch_size * s.seq_len if s.checkpointing else 0
+    phases = _phases(parts, s, loss_states, recomputed)
     notes = []
     if layerwise and s.accumulate > 1:
         notes.append("layer-wise updates with accumulate > 1 hold a full gradient during the window; "
@@ -328,8 +330,12 @@ def _worst_update(inv: Inventory, s: PlanSettings) -> tuple[ParamInfo, list[tupl
     return order[i], (states[max(0, i - 1):i + 2] if s.offload == "cpu" else [])
 
 
-def _phases(parts: dict[str, int], s: PlanSettings, loss_states: int | None = None) -> dict[str, int]:
+def _phases(parts: dict[str, int], s: PlanSettings, loss_states: int | None = None,
+            recomputed: int = 0) -> dict[str, int]:
     """Bytes alive together in each phase of a step (P: the persistent parts).
+
+    In the loss, the activations are those saved by the forward: with checkpointing, the blocks'
+    inputs but not the block that backward recomputes (`recomputed` bytes, 0 without checkpointing).
 
     layer-wise, accumulate 1:  loss = P + activations + logits;
         backward = P + activations + grads_in_flight + gradients (one) + optimizer_step.
@@ -344,13 +350,14 @@ def _phases(parts: dict[str, int], s: PlanSettings, loss_states: int | None = No
     """
     p = sum(parts[k] for k in PERSISTENT)
     a, g, f = parts["activations"], parts["gradients"], parts["grads_in_flight"]
+    saved = a - recomputed  # what the loss sees of the activations
     t, lg = parts["optimizer_step"], parts["logits"]
     layerwise = s.qgalore and s.layerwise
     if layerwise and s.accumulate == 1:
         states = parts["optimizer_moments"] + parts["projections"]
         at_loss = p if loss_states is None else p - states + loss_states
-        return {"loss": at_loss + a + lg, "backward": p + a + f + g + t}
+        return {"loss": at_loss + saved + lg, "backward": p + a + f + g + t}
     if s.accumulate > 1:
-        phases = {"loss": p + g + a + lg, "backward": p + g + a + f + (t if layerwise else 0)}
+        phases = {"loss": p + g + saved + lg, "backward": p + g + a + f + (t if layerwise else 0)}
         return phases if layerwise else {**phases, "step": p + g + t}
-    return {"loss": p + a + lg, "backward": p + max(a, g) + f, "step": p + g + t}
+    return {"loss": p + saved + lg, "backward": p + max(a, g) + f, "step": p + g + t}
