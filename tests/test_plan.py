@@ -155,6 +155,20 @@ def test_fit_prefers_plain_settings_and_falls_back_to_checkpointing_and_offload(
     assert plan.fit(GIB) == [] and "none: the smallest needs" in plan.fit_table(GIB)
 
 
+def test_autocast_copies_are_those_saved_for_backward():
+    """Lightning's autocast does not cache: a linear's 16-bit weight copy lives on only if saved for
+    backward. With checkpointing that is lm_head's and, in backward, one recomputed block's."""
+    cfg = LLAMA_CONFIGS["1b"]
+    h, i, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    one_block = 4 * h * h + 3 * h * i
+    float_weights = dict(precision="bf16-mixed", rank=512, quantize_weights=False, proj_quant=False)
+    ckpt = plan_memory("1b", checkpointing=True, **float_weights)
+    plain = plan_memory("1b", checkpointing=False, **float_weights)
+    assert ckpt.parts["weight_copies"] == 2 * (vocab * h + one_block)
+    assert plain.parts["weight_copies"] == 2 * (vocab * h + cfg.num_layers * one_block)
+    assert plan_memory("1b", precision="bf16-true", rank=512).parts["weight_copies"] == 0
+
+
 def test_the_loss_phase_holds_the_saved_activations_not_the_recomputed_block():
     from qgl.plan.activations import block_bytes_per_token
     from qgl.plan.plan import PERSISTENT

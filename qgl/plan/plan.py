@@ -266,6 +266,26 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
     return MemoryPlan(name, config, s, parts, how, phases, host, notes, inv)
 
 
+def _kept_copies(copies: list[ParamInfo], checkpointing: bool) -> int:
+    """Elements of autocast's 16-bit weight copies that stay alive: those saved for backward.
+    Lightning's autocast runs with `cache_enabled=False`, so a copy is made at each use and freed
+    after it unless its linear saved it. Without checkpointing every linear does; with it, only
+    the linears outside the checkpointed blocks (lm_head), plus, in backward, the recomputed
+    block's (one block at a time). (Under a caching autocast every copy would live to the end of
+    the forward.)"""
+    if not checkpointing:
+        return sum(p.numel for p in copies)
+    per_block: dict[str, int] = {}
+    outside = 0
+    for p in copies:
+        if p.name.startswith("blocks."):
+            block = p.name.split(".")[1]
+            per_block[block] = per_block.get(block, 0) + p.numel
+        else:
+            outside += p.numel
+    return outside + max(per_block.values(), default=0)
+
+
 def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
                 ) -> tuple[dict[str, int], dict[str, str], dict[str, int]]:
     """Parts alive through the whole step: weights, buffers, optimizer state (device part),
@@ -276,11 +296,12 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
     other = [p for p in params if not p.int8]
     states = [state_nbytes(p, s) for p in params]
     copies = [p for p in other if p.linear] if autocast else []
+    kept = _kept_copies(copies, s.checkpointing)
     parts = {"int8_weights": sum(int8_nbytes(p.numel, s.group_size, s.symmetric) for p in int8),
              "params": pb * (sum(p.numel for p in other) + len(int8)),  # + the carriers' one element
              "buffers": pb * inv.buffer_numel,
              "optimizer_moments": sum(m for m, _ in states), "projections": sum(pr for _, pr in states),
-             "weight_copies": cb * sum(p.numel for p in copies), "workspace": WORKSPACE_BYTES}
+             "weight_copies": cb * kept, "workspace": WORKSPACE_BYTES}
     how = {"int8_weights": f"{len(int8)} INT8 matrices: numel + {4 * (1 if s.symmetric else 2)} ceil(numel/"
                            f"{s.group_size}) B (fp32 scale{'' if s.symmetric else ' and zero'})",
            "params": f"{sum(p.numel for p in other) / 1e6:,.1f}M parameters x {pb} B (embeddings, norms, "
@@ -292,7 +313,9 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
            "projections": (f"INT4 P: ceil(k/2) + 8 ceil(k/{s.proj_group_size}) + 4 x leading vector"
                            if s.proj_quant else f"float P in the gradients' dtype: {2 if pb == 2 else 4} k "
                            "+ 4 x leading vector"),
-           "weight_copies": (f"autocast's {cb} B copies of {len(copies)} non-INT8 linear weights" if autocast
+           "weight_copies": ((f"autocast's {cb} B copies of {len(copies)} non-INT8 linear weights"
+                              + (" past the forward: those outside the checkpointed blocks + one "
+                                 "(recomputed) block's" if s.checkpointing else "")) if autocast
                              else "none without autocast"),
            "workspace": "cuBLAS workspaces (2 streams x 32 MiB) + 64 MiB allocator slack"}
     host: dict[str, int] = {}
