@@ -122,6 +122,41 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     torch.testing.assert_close(proj.project(g.float()), g.float() @ p16.T if right else p16.T @ g.float())
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_add_back_is_the_back_projection_added_in_place_with_one_rounding(shape, dtype, quantize):
+    """weight += scale * factor * back(low) as one addmm_ in the weight's dtype: the same as the
+    product of the operands rounded to that dtype, accumulated in fp32 and rounded once."""
+    torch.manual_seed(0)
+    g = torch.randn(shape).to(dtype)
+    proj = GaLoreProjector(shape, 4, quantize=quantize, scale=0.5)
+    proj.maybe_refresh(g, 0)
+    low = proj.project(g)
+    w = torch.randn(shape).to(dtype)
+    expected_w = w.clone()
+    p = proj.basis().to(dtype).float()
+    low_d = (low * (0.5 * -0.1)).to(dtype).float()
+    back = low_d @ p if proj.side == "right" else p @ low_d
+    want = (expected_w.float() + back).to(dtype)
+    ptr = w.data_ptr()
+    proj.add_back_(w, low, factor=-0.1)
+    assert w.data_ptr() == ptr and w.dtype == dtype  # in place
+    if dtype == torch.float32:
+        torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(w, want)
+    # The same update as the full-size back-projection added in fp32 (fp32 weights).
+    if dtype == torch.float32:
+        w2 = expected_w.clone()
+        w2.add_(proj.project_back(low, factor=-0.1))
+        torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expected a weight of shape"):
+        proj.add_back_(torch.zeros(shape[0] + 1, shape[1]), low)
+    with pytest.raises(ValueError, match="expected a low-rank tensor"):
+        proj.add_back_(w, low.T.contiguous() if low.shape[0] != low.shape[1] else low[:1])
+
+
 def test_nbytes():
     q4 = GaLoreProjector((512, 256), 64, quantize=True)
     fp = GaLoreProjector((512, 256), 64, quantize=False)

@@ -176,6 +176,27 @@ class GaLoreProjector:
         p = p.float()
         return (low @ p if self.side == "right" else p @ low).to(out_dtype)
 
+    def add_back_(self, weight: Tensor, low: Tensor, factor: float = 1.0) -> None:
+        """``weight += scale * factor * back(low)`` in place, for a float weight of shape (m, n): one
+        ``addmm_`` in the weight's dtype (fp32 accumulation, one rounding, no (m, n) temporary),
+        where `project_back` + ``add_`` would write the whole update to memory first.
+
+        `low` and P are rounded to the weight's dtype for the product (P is already stored in it
+        when the weight is 16-bit and the gradient was too); `low` (m x r or r x n) is scaled first.
+        """
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"expected a weight of shape {self.shape}, got {tuple(weight.shape)}")
+        if tuple(low.shape) != self.low_shape:
+            raise ValueError(f"expected a low-rank tensor of shape {self.low_shape}, got {tuple(low.shape)}")
+        p = self._require_basis()
+        dtype = weight.dtype
+        p = p.dequantize(dtype) if isinstance(p, Int4Tensor) else p.to(dtype)
+        low = (low.float() * (self.scale * float(factor))).to(dtype)
+        if self.side == "right":
+            weight.addmm_(low, p)
+        else:
+            weight.addmm_(p, low)
+
     def basis(self) -> Tensor | None:
         """P as used by the projections (dequantized if stored INT4), in fp32, or None before the
         first refresh."""

@@ -209,25 +209,26 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         if projector is not None:
             projector.maybe_refresh(grad, step - 1)
             low = projector.project(grad)
+            direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
+            if owner is None:
+                # A float weight: decay, then W += P-products of the direction, in place (one addmm_,
+                # fp32 accumulation, one rounding): no (m, n) update is ever materialized.
+                if decay != 1.0:
+                    p.mul_(decay)
+                projector.add_back_(p, direction, -lr)
+                return
             # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
             # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
             # below the stochastic rounding onto the INT8 grid that follows, and the (m, n) update
             # is then written once and read once at half the bytes of fp32.
-            delta_dtype = torch.bfloat16 if owner is not None else torch.float32
-            direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
-            delta = projector.project_back(direction, -lr, delta_dtype)
+            delta = projector.project_back(direction, -lr, torch.bfloat16)
         elif owner is None:  # plain: in place, in chunks (temporaries O(chunk))
             adam_step_(p, grad, state, lr, decay, beta1, beta2, group["eps"], step)
             return
         else:
             delta = adam_direction(grad, state, beta1, beta2, group["eps"], step).mul_(-lr)
-        if owner is not None:
-            seed = _sr_seed(group["seed"], self._index[p], step) if group["stochastic_rounding"] else None
-            owner.apply_weight_update_(delta, decay, seed)
-            return
-        if decay != 1.0:
-            p.mul_(decay)
-        p.add_(delta)  # fp32 delta, added in fp32 and rounded once to p's dtype
+        seed = _sr_seed(group["seed"], self._index[p], step) if group["stochastic_rounding"] else None
+        owner.apply_weight_update_(delta, decay, seed)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -159,8 +159,10 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     Update (`QGaLoreAdamW._update_param`), the low-rank gradient (4L) alive throughout, plus the
     largest of: the projection (INT4 P: its dequantized 16-bit copy, 2P; a float P is stored in the
     gradient's dtype: nothing); Adam's on L; the back-projection: direction and its scaled copy (8L),
-    with 16-bit products the low side's cast (2L) and INT4 P's 16-bit copy (2P), and the (m, n)
-    update, bf16 for an INT8 weight (consumed in place by the INT8 update), fp32 otherwise.
+    then for an INT8 weight the low side's 16-bit cast (2L), INT4 P's 16-bit copy (2P) and the bf16
+    (m, n) update (consumed in place by the INT8 update); for a float weight (`add_back_`: one
+    addmm_ into the weight, no (m, n) temporary) the low side's cast to a 16-bit weight's dtype
+    (pb L) and an INT4 P's copy in it (pb P).
     """
     pb = s.dtype_bytes[0]
     n = p.numel
@@ -183,6 +185,9 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     basis = math.prod(p.basis_shape)
     mm16 = s.proj_quant or pb != 4  # the products run on 16-bit operands (projector.py)
     p16 = 2 * basis if s.proj_quant else 0  # INT4 P dequantized for a product
-    back = 8 * low + (2 * low if mm16 else 0) + p16 + (2 if p.int8 else 4) * n
+    if p.int8:
+        back = 8 * low + (2 * low if mm16 else 0) + p16 + 2 * n
+    else:
+        back = 8 * low + (pb * low if pb != 4 else 0) + (pb * basis if s.proj_quant else 0)
     update = 4 * low + max(p16, adam(low, low), back)
     return max(refresh, update)
