@@ -157,3 +157,27 @@ def test_finite_check_and_16_bit_projector_products_on_cuda():
     torch.testing.assert_close(low, g.float() @ p16.T, rtol=1e-4, atol=1e-4)
     back = proj.project_back(low, factor=-1.0, out_dtype=torch.float32)
     torch.testing.assert_close(back, (low * -proj.scale).bfloat16().float() @ p16, rtol=1e-4, atol=1e-4)
+
+
+def test_float_galore_update_is_one_addmm_on_cuda():
+    """A bf16 weight takes GaLore's update in place (addmm_: fp32 accumulation, one rounding): within
+    one bf16 step of the fp32 sum rounded once, and no (m, n) temporary beyond cuBLAS's workspace."""
+    from qgl.optim.projector import GaLoreProjector
+
+    torch.manual_seed(0)
+    g = torch.randn(2048, 5461, device="cuda").bfloat16()
+    proj = GaLoreProjector(tuple(g.shape), 512, quantize=False)
+    proj.maybe_refresh(g, 0)
+    low = proj.project(g)
+    w = torch.randn_like(g)
+    p, low_d = proj.basis().bfloat16().float(), (low * (proj.scale * -1e-2)).bfloat16().float()
+    want = (w.float() + p @ low_d).bfloat16()  # side "left": P (m, r) @ low (r, n)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    proj.add_back_(w, low, factor=-1e-2)
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - before
+    assert transient < 2048 * 5461 * 2, transient  # less than one bf16 (m, n) tensor
+    ulp = (want.float().abs() * 2**-7).clamp_min(2**-126)
+    assert bool(((w.float() - want.float()).abs() <= ulp).all())
