@@ -9,6 +9,8 @@ The side is the smaller one, so P and the low-rank optimizer state are as small 
 `project_back` multiplies by `scale` (GaLore's alpha). All results are fp32 (`project_back`: in
 the dtype asked for). A 16-bit gradient is multiplied on 16-bit operands (P rounded to its dtype)
 with fp32 accumulation, as the INT4 path is and GaLore's reference; fp32 gradients in fp32.
+`add_back_` adds the back-projection to a float weight in place (one addmm_ in its dtype), so a
+float weight's update never exists as an (m, n) tensor; an INT8 weight takes `project_back`'s.
 
 P is stored as `qgl.quant.Int4Tensor` (group-wise asymmetric INT4, two nibbles a byte) when
 `quantize`, else in the dtype it is multiplied in: that of the gradient it was computed from if
