@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from qgl.callbacks.methods import GALORE
 from qgl.models.llama import LlamaForCausalLM
 from qgl.nn import quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
@@ -43,9 +44,10 @@ def _build(name: str, method: str, rank: int, checkpointing: bool, check_finite:
     if method == "qgalore":
         quantize_model(model)
     model = model.bfloat16()
-    groups = make_param_groups(model, rank=rank, update_proj_gap=200, scale=0.25)
-    galore = {} if method == "qgalore" else {"proj_quant": False, "adaptive": False}
-    return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=check_finite, **galore)
+    # galore: qgl's `galore` method (float P, fixed gap) on the float weights.
+    galore = {} if method == "qgalore" else {k: v for k, v in GALORE.items() if k != "quantize_weights"}
+    groups = make_param_groups(model, rank=rank, update_proj_gap=200, scale=0.25, **galore)
+    return model, QGaLoreAdamW(groups, lr=1e-3, layerwise=True, check_finite=check_finite)
 
 
 def _profile(model, opt, data, steps: int = 3) -> None:

@@ -88,18 +88,9 @@ class MemoryPlan:
     def candidates(self) -> list[Fit]:
         """Every setting `fit` considers, with its total: offload off/cpu (Q-GaLore), checkpointing
         off/on, micro-batches 1, 2, 4, ... dividing the global batch (accumulating the rest)."""
-        s = self.settings
-        global_batch = s.batch_size * s.accumulate
-        micro = sorted({2**k for k in range(global_batch.bit_length()) if global_batch % 2**k == 0}
-                       | {global_batch})
-        out = []
-        for offload in ((None, "cpu") if s.qgalore else (None,)):
-            for ckpt in (False, True):
-                for mb in micro:
-                    t = s.replace(offload=offload, checkpointing=ckpt, batch_size=mb,
-                                  accumulate=global_batch // mb)
-                    out.append(Fit(t, _plan(self.name, self.config, t, self._inventory).total))
-        return out
+        global_batch = self.settings.batch_size * self.settings.accumulate
+        micro = {2**k for k in range(global_batch.bit_length()) if global_batch % 2**k == 0}
+        return self._grid(micro | {global_batch}, (self.settings.precision,), single_step=False)
 
     def single_step_candidates(self) -> list[Fit]:
         """Settings without accumulation (the global batch becomes the micro-batch): micro-batches 1, 2,
@@ -109,15 +100,22 @@ class MemoryPlan:
         updates that accumulate hold a full gradient over the window."""
         s = self.settings
         global_batch = s.batch_size * s.accumulate
-        micro = sorted({2**k for k in range(global_batch.bit_length())} | {global_batch})
         precisions = (s.precision, "bf16-true") if s.precision == "bf16-mixed" else (s.precision,)
+        return self._grid({2**k for k in range(global_batch.bit_length())} | {global_batch}, precisions,
+                          single_step=True)
+
+    def _grid(self, micro: set[int], precisions: tuple[str, ...], single_step: bool) -> list[Fit]:
+        """The plans of every (precision, offload, checkpointing, micro-batch) in that order of loops,
+        accumulating to the global batch, or not at all with `single_step`."""
+        s = self.settings
+        global_batch = s.batch_size * s.accumulate
         out = []
         for precision in precisions:
             for offload in ((None, "cpu") if s.qgalore else (None,)):
                 for ckpt in (False, True):
-                    for mb in (m for m in micro if m <= global_batch):
+                    for mb in sorted(micro):
                         t = s.replace(precision=precision, offload=offload, checkpointing=ckpt, batch_size=mb,
-                                      accumulate=1)
+                                      accumulate=1 if single_step else global_batch // mb)
                         out.append(Fit(t, _plan(self.name, self.config, t, self._inventory).total))
         return out
 
