@@ -140,7 +140,7 @@ def test_kernels_on_and_off_train_the_same_loss_curve(corpus, monkeypatch):
 def test_finite_check_and_16_bit_projector_products_on_cuda():
     """aminmax propagates NaN and inf on CUDA too (the layer-wise non-finite check), and the float
     projector's bf16 products (cuBLAS, fp32 output) are the rounded operands' fp32 products."""
-    from qgl.optim.layerwise import all_finite
+    from qgl.optim.finite import all_finite
     from qgl.optim.projector import GaLoreProjector
 
     g = torch.randn(300, 200, device="cuda").bfloat16()
@@ -181,3 +181,41 @@ def test_float_galore_update_is_one_addmm_on_cuda():
     assert transient < 2048 * 5461 * 2, transient  # less than one bf16 (m, n) tensor
     ulp = (want.float().abs() * 2**-7).clamp_min(2**-126)
     assert bool(((w.float() - want.float()).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("shape", [(2048, 512), (512, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoded_int4_basis_gives_the_kernels_results_bit_for_bit(shape, dtype):
+    """One decoding of P shared by both products of an update (projector.decoded) must give what
+    int4_project / int4_project_back give, each decoding P itself, to the bit."""
+    from qgl.optim.projector import GaLoreProjector
+
+    torch.manual_seed(0)
+    g = (torch.randn(*shape, device="cuda") * 1e-2).to(dtype)
+    proj = GaLoreProjector(shape, 128, quantize=True, group_size=256)
+    proj.maybe_refresh(g, 0)
+    low = proj.project(g)
+    back = proj.project_back(low, -1e-3, torch.bfloat16)
+    with proj.decoded(g):
+        assert proj._decoded is not None and proj._decoded.dtype == torch.bfloat16
+        low_shared = proj.project(g)
+        back_shared = proj.project_back(low_shared, -1e-3, torch.bfloat16)
+    assert torch.equal(low, low_shared) and torch.equal(back, back_shared)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nonfinite_flags_on_cuda(dtype):
+    """The layer-wise hooks' check on CUDA: NaN and +-inf flagged per parameter, zeroed on request."""
+    from torch import nn
+
+    from qgl.optim.finite import NonFiniteFlags
+
+    params = [nn.Parameter(torch.zeros(1, device="cuda")) for _ in range(4)]
+    grads = [torch.randn(1000, 517, device="cuda").to(dtype) for _ in params]
+    grads[0][3, 4], grads[2][999, 516], grads[3][0, 0] = float("nan"), float("inf"), -float("inf")
+    flags = NonFiniteFlags(params)
+    for p, g in zip(params, grads, strict=True):
+        flags.check_(p, g, zero_nonfinite=True)
+    assert [id(p) for p in flags.pop_flagged()] == [id(params[i]) for i in (0, 2, 3)]
+    assert all(bool(torch.isfinite(g).all()) for g in grads) and grads[2][999, 516] == 0
+    assert flags.pop_flagged() == []

@@ -197,7 +197,7 @@ def test_all_finite_reads_the_gradient_without_full_size_temporaries(dtype, bad)
     sized tensors (torch.isfinite(g).all() makes ~5 bytes an element, which the memory plan omits)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from qgl.optim.layerwise import all_finite
+    from qgl.optim.finite import all_finite
 
     class LargestOutput(TorchDispatchMode):
         numel = 0
@@ -217,6 +217,66 @@ def test_all_finite_reads_the_gradient_without_full_size_temporaries(dtype, bad)
     assert mode.numel == 1 and flag.dtype == torch.bool and flag.shape == ()
     assert bool(flag) == (bad is None) == bool(torch.isfinite(g).all())
     assert bool(all_finite(g[:0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nonfinite_flags_name_the_parameters_and_write_no_temporaries(dtype):
+    """The per-gradient check of the layer-wise hooks: one reduction into the parameter's slot (no
+    tensor larger than a slot), the gradient untouched unless asked, cleared when read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qgl.optim.finite import NonFiniteFlags
+
+    class LargestOutput(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    params = [nn.Parameter(torch.zeros(300, 257, dtype=dtype)) for _ in range(4)]
+    grads = [torch.randn(300, 257).to(dtype) for _ in params]
+    grads[1][7, 8], grads[3][0, 0] = float("nan"), -float("inf")
+    flags = NonFiniteFlags(params)
+    flags.check_(params[0], grads[0])  # the flags are allocated on first use
+    before = [g.clone() for g in grads]
+    with LargestOutput() as mode:
+        for p, g in zip(params[1:], grads[1:], strict=True):
+            flags.check_(p, g)
+    assert mode.numel <= 2  # views of the (min, max) slot
+    assert all(torch.equal(a, b) or torch.isnan(a).any() for a, b in zip(grads, before, strict=True))
+    assert [id(p) for p in flags.pop_flagged()] == [id(params[1]), id(params[3])]
+    assert flags.pop_flagged() == []  # cleared
+    flags.check_(params[2], grads[3], zero_nonfinite=True)
+    assert torch.isfinite(grads[3]).all() and grads[3][0, 0] == 0
+    assert [id(p) for p in flags.pop_flagged()] == [id(params[2])]
+
+
+def test_layerwise_nonfinite_gradient_raises_after_zeroing_it():
+    """Layer-wise updates run inside backward, before the check can be read: the parameter steps
+    with the non-finite entries zeroed (its weights stay finite) and step() names it; the next
+    clean step passes (the flags were cleared)."""
+    model = _mlp()
+    opt = QGaLoreAdamW(make_param_groups(model, rank=4, target_modules=["0", "2"]), lr=1e-2, layerwise=True)
+    x, y = _batches(1)[0]
+
+    def poison(g):
+        g = g.clone()
+        g[0, 0] = float("inf")
+        return g
+
+    handle = model[2].weight.register_hook(poison)
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(FloatingPointError, match=r"\['2\.weight'\]; layer-wise updates had already"):
+        opt.step()
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    handle.remove()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
 def test_state_dict_resume_gives_identical_losses(tmp_path):

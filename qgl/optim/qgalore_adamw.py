@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, adam_step_, init_moments, moments_nbytes
-from qgl.optim.layerwise import LayerwiseDriver, all_finite
+from qgl.optim.finite import NonFiniteFlags
+from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
@@ -114,6 +115,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.check_finite = check_finite
+        self.finite_flags = NonFiniteFlags([p for g in self.param_groups for p in g["params"]])
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._name = {
@@ -208,20 +210,21 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         owner = getattr(p, "_qgl_owner", None)
         if projector is not None:
             projector.maybe_refresh(grad, step - 1)
-            low = projector.project(grad)
-            direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
-            if owner is None:
-                # A float weight: decay, then W += P-products of the direction, in place (one addmm_,
-                # fp32 accumulation, one rounding): no (m, n) update is ever materialized.
-                if decay != 1.0:
-                    p.mul_(decay)
-                projector.add_back_(p, direction, -lr)
-                return
-            # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
-            # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
-            # below the stochastic rounding onto the INT8 grid that follows, and the (m, n) update
-            # is then written once and read once at half the bytes of fp32.
-            delta = projector.project_back(direction, -lr, torch.bfloat16)
+            with projector.decoded(grad):  # one decoding of an INT4 P for both products
+                low = projector.project(grad)
+                direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
+                if owner is None:
+                    # A float weight: decay, then W += P-products of the direction, in place (one
+                    # addmm_, fp32 accumulation, one rounding): no (m, n) update is ever materialized.
+                    if decay != 1.0:
+                        p.mul_(decay)
+                    projector.add_back_(p, direction, -lr)
+                    return
+                # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
+                # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
+                # below the stochastic rounding onto the INT8 grid that follows, and the (m, n)
+                # update is then written once and read once at half the bytes of fp32.
+                delta = projector.project_back(direction, -lr, torch.bfloat16)
         elif owner is None:  # plain: in place, in chunks (temporaries O(chunk))
             adam_step_(p, grad, state, lr, decay, beta1, beta2, group["eps"], step)
             return
@@ -251,9 +254,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     def _raise_if_nonfinite(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        finite = torch.stack([all_finite(g) for g in grads])
-        if not bool(finite.all()):  # the one device sync of the step
-            bad = [self.param_name(p) for p, ok in zip(params, finite.tolist(), strict=True) if not ok]
+        for p, g in zip(params, grads, strict=True):
+            self.finite_flags.check_(p, g)
+        flagged = self.finite_flags.pop_flagged()  # the one device sync of the step
+        if flagged:
+            bad = [self.param_name(p) for p in flagged]
             raise FloatingPointError(f"non-finite gradient in {bad}; no parameter was updated this step")
 
     # ----------------------------------------------------------------- monitoring
