@@ -36,6 +36,7 @@ __all__ = [
     "unpack_int4",
     "int4_project",
     "int4_project_back",
+    "int4_dense_basis",
     "w8a16_linear",
     "w8a16_grad_input",
 ]
@@ -147,6 +148,17 @@ def int4_project_back(
     """
     impl = pick(low, "int4", "int4_project_back", int4_project_back_ref)
     return impl(low, packed, scale, zero, p_shape, group_size, side, out_dtype)
+
+
+def int4_dense_basis(
+    packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int, like: Tensor
+) -> Tensor | None:
+    """P as the bf16 ``[*p_shape]`` matrix that ``int4_project``/``int4_project_back`` would decode for
+    a gradient like ``like`` on its device, or None where they do not decode it (the references on
+    CPU, the fused kernel, fp16 gradients). ``mm16`` with it gives those functions' results exactly.
+    """
+    impl = pick(like, "int4", "dense_basis", None)
+    return None if impl is None else impl(packed, scale, zero, p_shape, group_size, like)
 
 
 # --- INT8-weight linear ----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ __all__ = [
     "unpack_int4_triton",
     "int4_project_triton",
     "int4_project_back_triton",
+    "dense_basis_triton",
 ]
 
 _DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -212,6 +213,23 @@ def _use_dense(path: str, device: torch.device) -> bool:
     if path == "auto":
         return device.type == "cuda" and not interpreting() and mm_fp32_out(device)
     return path == "dense"
+
+
+def dense_basis_triton(packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int,
+                       like: Tensor) -> Tensor | None:  # fmt: skip
+    """P decoded to the 16-bit matrix that the dense path multiplies ``like`` (a gradient) with, or
+    None where the projections take another path (fused kernel, tiny groups, no fp32-output mm).
+
+    Both products of one update can then share one decoding: the dense path decodes P in every
+    call, and on a GPU a launch costs more host time than the decoding costs the device.
+    """
+    # fp16 gradients: project decodes P to fp16, project_back to bf16 (no shared operand); fp64 ones
+    # are rounded through fp32 by the products.
+    if group_size < MIN_KERNEL_GROUP or like.dtype not in (torch.float32, torch.bfloat16) \
+            or not _use_dense("auto", like.device):
+        return None
+    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    return dequantize_int4_triton(packed, scale, zero, (pr, pc), group_size, torch.bfloat16)
 
 
 def _dense_matmul(dense: Tensor, packed, scale, zero, pr: int, pc: int, gs: int,

@@ -260,3 +260,44 @@ def test_bad_input():
         proj.project_back(torch.randn(4, 32))
     with pytest.raises(ValueError, match="cannot load"):
         GaLoreProjector((64, 32), 8).load_state_dict(proj.state_dict())
+
+
+@pytest.mark.parametrize("side_shape", [(96, 64), (64, 96)])
+def test_decoded_shares_one_decoding_of_the_int4_basis(monkeypatch, side_shape):
+    """Inside `decoded`, project and project_back multiply by one decoding of P (the GPU's dense
+    path decodes it per product); outside, nothing is kept. The decoding is simulated on CPU,
+    where the kernels never decode (the references compute in fp32)."""
+    from qgl.kernels.mm16 import mm16
+
+    torch.manual_seed(0)
+    g = torch.randn(*side_shape).bfloat16()
+    proj = GaLoreProjector(side_shape, 8, scale=0.5, quantize=True, group_size=32)
+    proj.maybe_refresh(g, 0)
+    calls = []
+
+    def dense_basis(self, like):
+        calls.append(like.dtype)
+        return self.dequantize(torch.bfloat16)
+
+    monkeypatch.setattr(Int4Tensor, "dense_basis", dense_basis)
+    p16 = proj._p.dequantize(torch.bfloat16)
+    with proj.decoded(g):
+        low = proj.project(g)
+        back = proj.project_back(low, -2.0, torch.bfloat16)
+    assert calls == [torch.bfloat16] and proj._decoded is None
+    right = proj.side == "right"
+    assert torch.equal(low, mm16(g, p16.T) if right else mm16(p16.T, g))
+    low16 = (low * -1.0).bfloat16()  # scale 0.5 x factor -2
+    assert torch.equal(back, mm16(low16, p16, torch.bfloat16) if right else mm16(p16, low16, torch.bfloat16))
+    assert proj.project(g).dtype == torch.float32 and len(calls) == 1  # outside: the kernels' own path
+
+
+def test_decoded_changes_nothing_where_the_kernels_do_not_decode():
+    torch.manual_seed(0)
+    g = torch.randn(96, 64)
+    proj = GaLoreProjector((96, 64), 8, quantize=True, group_size=32)
+    proj.maybe_refresh(g, 0)
+    low, back = proj.project(g), proj.project_back(proj.project(g))
+    with proj.decoded(g):
+        assert proj._decoded is None  # CPU: the references
+        assert torch.equal(proj.project(g), low) and torch.equal(proj.project_back(low), back)

@@ -184,10 +184,10 @@ def step_temp_nbytes(p: ParamInfo, s: PlanSettings) -> int:
     low = math.prod(p.low_shape)
     basis = math.prod(p.basis_shape)
     mm16 = s.proj_quant or pb != 4  # the products run on 16-bit operands (projector.py)
-    p16 = 2 * basis if s.proj_quant else 0  # INT4 P dequantized for a product
+    p16 = 2 * basis if s.proj_quant else 0  # INT4 P decoded once, alive over the update (projector.decoded)
     if p.int8:
-        back = 8 * low + (2 * low if mm16 else 0) + p16 + 2 * n
-    else:
-        back = 8 * low + (pb * low if pb != 4 else 0) + (pb * basis if s.proj_quant else 0)
-    update = 4 * low + max(p16, adam(low, low), back)
+        back = 8 * low + (2 * low if mm16 else 0) + 2 * n
+    else:  # add_back_ multiplies in the weight's dtype: the shared bf16 decoding, else its own
+        back = 8 * low + (pb * low if pb != 4 else 0) + (pb * basis if s.proj_quant and pb != 2 else 0)
+    update = 4 * low + p16 + max(adam(low, low), back)
     return max(refresh, update)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qgl.kernels import dequantize_int4, int4_project, int4_project_back, quantize_int4
+from qgl.kernels import dequantize_int4, int4_dense_basis, int4_project, int4_project_back, quantize_int4
 from qgl.kernels._groups import check_dtype, check_group_size, check_stats
 
 __all__ = ["Int4Tensor"]
@@ -75,6 +75,12 @@ class Int4Tensor:
         in fp32 and returned in ``out_dtype``."""
         return int4_project_back(low, self.packed, self.scale, self.zero, self.shape, self.group_size, side,
                                  out_dtype)
+
+    def dense_basis(self, like: Tensor) -> Tensor | None:
+        """The bf16 matrix that `project` and `project_back` decode for a gradient like `like` and
+        multiply with cuBLAS (the GPU's dense path), or None where they take another path
+        (`qgl.kernels.int4_dense_basis`)."""
+        return int4_dense_basis(self.packed, self.scale, self.zero, self.shape, self.group_size, like)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and ints, loadable by ``torch.load(weights_only=True)``."""
