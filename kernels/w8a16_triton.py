@@ -27,12 +27,12 @@ workspace ``[SPLIT_K, M, N_out]`` and the wrapper sums the slices in a fixed ord
 the result is deterministic), then adds the bias and rounds once to the activation dtype.
 
 Training-sized token counts (``M >= dense_min_m()``, default ``DENSE_MIN_M``) take the *dense*
-path instead: W is dequantized into a transient ``x.dtype`` matrix (``dequantize_int8_triton``,
-~3 bytes an element at copy speed) and the product runs in cuBLAS. There the matmul is
-compute-bound and cuBLAS's Hopper kernels beat the fused kernel, whose int8 -> bf16 conversion
-sits in the wgmma loop, by far more than the dequantization costs (benchmarks/kernels.py prints
-both). The transient is one layer's weight, freed when the product returns. Same math as the
-reference either way: W dequantized in fp32, rounded once to the activation dtype.
+path instead: W is dequantized into a transient ``x.dtype`` matrix (``_decode``: one torch op for
+symmetric W, else ``dequantize_int8_triton``; ~3 bytes an element) and the product runs in cuBLAS.
+There the matmul is compute-bound and cuBLAS's Hopper kernels beat the fused kernel, whose int8 ->
+bf16 conversion sits in the wgmma loop, by far more than the dequantization costs
+(benchmarks/kernels.py prints both). The transient is one layer's weight, freed when the product
+returns. Same math as the reference either way: W dequantized in fp32, rounded once to the activation dtype.
 """
 
 from __future__ import annotations
@@ -320,6 +320,21 @@ def _dense(path: str, m: int, group_size: int) -> bool:
     return group_size < MIN_KERNEL_GROUP or path == "dense" or (path == "auto" and m >= dense_min_m())
 
 
+def _decode(q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
+    """W for the dense path, ``dtype [out, in]``: ``q * scale`` computed in fp32, rounded once.
+
+    Symmetric W in whole groups is one torch op (int8 x fp32 in fp32, written in ``dtype``): the
+    dense path decodes every matrix three times a step under activation checkpointing, and a
+    Triton launch costs several times an aten op's host time (benchmarks/overhead.py), which a
+    training step bound by its host pays in full. Same bits as ``dequantize_int8_triton``.
+    """
+    if zero is not None or q.numel() % group_size or not q.is_contiguous():
+        return dequantize_int8_triton(q, scale, zero, group_size, dtype)
+    out = _empty(q.shape, dtype=dtype, device=q.device)
+    torch.mul(q.view(-1, group_size), scale.view(-1, 1), out=out.view(-1, group_size))
+    return out
+
+
 def _check(name: str, a: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dim: int):
     check_group_size(group_size)
     check_floating(name, a)
@@ -354,7 +369,7 @@ def w8a16_linear_triton(
         return w8a16_linear_ref(x, q, scale, zero, group_size, bias)
     n, k = q.shape
     if _dense(path, x.numel() // max(k, 1), group_size):
-        w = dequantize_int8_triton(q, scale, zero, group_size, x.dtype)
+        w = _decode(q, scale, zero, group_size, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, k)
     if x2.numel() and x2.stride(1) != 1:
@@ -391,7 +406,7 @@ def w8a16_grad_input_triton(
         return w8a16_grad_input_ref(dy, q, scale, zero, group_size)
     n, k = q.shape
     if _dense(path, dy.numel() // max(n, 1), group_size):
-        return dy @ dequantize_int8_triton(q, scale, zero, group_size, dy.dtype)
+        return dy @ _decode(q, scale, zero, group_size, dy.dtype)
     dy2 = dy.reshape(-1, n)
     if dy2.numel() and dy2.stride(1) != 1:
         dy2 = dy2.contiguous()

@@ -86,8 +86,8 @@ def test_w8a16_split_k(poison, monkeypatch, split, m, n, k, gs):
 def test_w8a16_auto_path_by_token_count(monkeypatch):
     """"auto" dequantizes W and calls torch's matmul from dense_min_m() tokens on, fuses below."""
     calls = []
-    real = w8a16_triton.dequantize_int8_triton
-    monkeypatch.setattr(w8a16_triton, "dequantize_int8_triton", lambda *a: calls.append(1) or real(*a))
+    real = w8a16_triton._decode
+    monkeypatch.setattr(w8a16_triton, "_decode", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("QGL_W8A16_DENSE_MIN_M", "8")
     q, s, z = int8_ref.quantize_int8_ref(randn(24, 64), 64, True)
     for m, dense in [(7, False), (8, True), (40, True)]:
@@ -100,6 +100,32 @@ def test_w8a16_auto_path_by_token_count(monkeypatch):
         assert rel_err(dx, w8a16_ref.w8a16_grad_input_ref(dy, q, s, z, 64)) < F32_TOL
     with pytest.raises(ValueError, match="path must be one of"):
         w8a16_triton.w8a16_linear_triton(x, q, s, z, 64, path="cublas")
+
+
+@pytest.mark.parametrize(
+    "shape,gs,symmetric", [((24, 64), 64, True), ((24, 64), 64, False), ((5, 30), 64, True)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dense_decode_is_one_op_for_symmetric_whole_groups(monkeypatch, shape, gs, symmetric, dtype):
+    """The dense path's decoding of W: one torch op for symmetric W in whole groups (its host cost is
+    a fraction of a Triton launch's), the kernel otherwise; the reference's bits."""
+    launches = []
+    real = w8a16_triton.dequantize_int8_triton
+    monkeypatch.setattr(w8a16_triton, "dequantize_int8_triton", lambda *a: launches.append(1) or real(*a))
+    q, s, z = int8_ref.quantize_int8_ref(randn(*shape) * 3, gs, symmetric)
+    w = w8a16_triton._decode(q, s, z, gs, dtype)
+    one_op = symmetric and q.numel() % gs == 0
+    assert launches == ([] if one_op else [1])
+    if one_op or dtype == torch.float32:  # the interpreter casts to 16 bits by truncation, a GPU to nearest
+        assert w.dtype == dtype and torch.equal(w, int8_ref.dequantize_int8_ref(q, s, z, gs, dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_decode_is_the_dequantize_kernel_bit_for_bit_on_cuda(dtype):
+    q, s, z = int8_ref.quantize_int8_ref(randn(2048, 5461).cuda() * 3, 256, True)
+    w = w8a16_triton._decode(q, s, z, 256, dtype)
+    assert torch.equal(w, w8a16_triton.dequantize_int8_triton(q, s, z, 256, dtype))
 
 
 
