@@ -16,8 +16,13 @@ not its INT8-weight linear, which `benchmarks/_public_int8.py` re-implements fro
 `QGaLoreLinear` (uint8 weights in groups of `qgalore.group_size`, stochastic rounding);
 `--public-float-weights` runs it on the model's float weights instead (galore-torch always is).
 
+Each row runs in a process of its own (`--isolate`, the default on CUDA): a row run after another in
+one process measured that run's leftovers too (2026-12-02, H200: q-galore-torch peaked at 8,005 MiB
+after galore-torch in the same process, 4,464 MiB first in a fresh one).
+
 Columns: peak memory (CUDA: `max_memory_allocated`, the highest step; CPU: the process's peak RSS,
-which only grows over the runs of one process, so rows after the first are upper bounds);
+which, without `--isolate`, only grows over the runs of one process, so rows after the first are
+upper bounds);
 weights + optimizer states (bytes of parameters, INT8 weights with their scales and zeros, moments
 and projections, comparable on any device); training tokens/s; mean training loss of the last 10
 steps; validation loss and perplexity at the end; SVDs run.
@@ -32,6 +37,7 @@ import datetime
 import gc
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -191,6 +197,35 @@ def per_method_override(text: str) -> tuple[str, str]:
 _methods = choice_list(ALL, "methods")
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _run_in_child(ns: argparse.Namespace, method: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
+    """One row from a fresh `python methods.py ... --methods METHOD` process (its row comes back as
+    JSON through a file); a child that dies without one (a crash, the OOM killer) gives an error row."""
+    row_json = work / f"{method}.row.json"
+    row_json.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *ns.args, "--methods", method,
+           "--steps", str(ns.steps), "--device", ns.device, "--out", str(work), "--no-isolate",
+           "--row-json", str(row_json), *(f"--set={method}:{o}" for o in extra)]
+    cmd += ["--public-float-weights"] if ns.public_float_weights else []
+    log = work / f"{method}.log"
+    with contextlib.ExitStack() as stack:
+        out = None if ns.verbose else stack.enter_context(open(log, "w"))
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if out else None).returncode
+    if row_json.is_file():
+        row = json.loads(row_json.read_text())
+        row_json.unlink()
+        return row
+    where = "" if ns.verbose else f" (log: {log})"
+    return {"method": method, "notes": "; ".join(extra),
+            "error": f"its process exited with code {code} before reporting a row{where}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", metavar="RECIPE|key=value",
@@ -205,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show each run's output instead of logging it")
     ap.add_argument("--public-float-weights", action="store_true",
                     help="q-galore-torch on the model's float weights, not on its INT8-weight simulation")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each method in a fresh Python process (default: on CUDA), so that no row "
+                    "measures memory a previous row left behind")
+    ap.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)  # --isolate's child
     ap.add_argument("--set", dest="per_method", type=per_method_override, action="append", default=[],
                     metavar="METHOD:key=value", help="an override for one method (repeatable), e.g. "
                     "qgalore:trainer.precision=bf16-true")
@@ -220,15 +259,27 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device here (use --device cpu for a smoke test)")
     work = ns.out or Path(tempfile.mkdtemp(prefix="qgl_methods_"))
     work.mkdir(parents=True, exist_ok=True)
+    if ns.row_json is not None:  # a child of --isolate: one method, its row to a file, no table
+        if len(ns.methods) != 1:
+            ap.error("--row-json takes exactly one method")
+        (method,) = ns.methods  # its output goes where the parent sends it (the method's log)
+        row = run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), None,
+                         extra_overrides=per_method.get(method, ()), public_int8=not ns.public_float_weights)
+        _write_atomically(ns.row_json, json.dumps(row))
+        return 0
+    isolate = ns.device == "cuda" if ns.isolate is None else ns.isolate
     rows = []
     for method in ns.methods:
         print(f"[methods] {method} ...", file=sys.stderr, flush=True)
-        log = None if ns.verbose else work.resolve() / f"{method}.log"
-        rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log,
-                               extra_overrides=per_method.get(method, ()),
-                               public_int8=not ns.public_float_weights))
+        if isolate:
+            rows.append(_run_in_child(ns, method, per_method.get(method, ()), work.resolve()))
+        else:
+            log = None if ns.verbose else work.resolve() / f"{method}.log"
+            rows.append(run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), log,
+                                   extra_overrides=per_method.get(method, ()),
+                                   public_int8=not ns.public_float_weights))
         # After every row: a run cut short (a time limit) keeps the rows it finished.
-        (work / "results.json").write_text(json.dumps(rows, indent=1))
+        _write_atomically(work / "results.json", json.dumps(rows, indent=1))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print()
     print(header(recipe, overrides, ns.steps, ns.device)

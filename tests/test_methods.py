@@ -296,3 +296,19 @@ def test_public_adapter_restores_arguments_not_math(package):
         driver.step(loss.backward)  # the hooks step each parameter in backward
     assert losses[-1] < losses[0] and c.weight.grad is None and driver.svd_count() == 3
     assert driver.state_nbytes()["projections"] > 0
+
+
+def test_methods_benchmark_isolates_each_row_in_its_own_process(workdir, capsys):
+    """`--isolate`: every row comes from a fresh process; a process that dies without its row
+    leaves an error row naming its exit code and log, and the other rows stand."""
+    bench = _load_benchmark()
+    args = ["--device", "cpu", "--steps", "2", "--out", str(workdir / "out"), "--isolate",
+            "--methods", "full,galore", "--set", "galore:trainer.max_steps=not-a-number",
+            "data.batch_size=2", "data.block_size=32", "trainer.limit_val_batches=1"]
+    assert bench.main(args) == 1  # galore failed
+    rows = {r["method"]: r for r in json.loads((workdir / "out" / "results.json").read_text())}
+    assert rows["full"]["steps"] == 2 and math.isfinite(rows["full"]["train_loss"])
+    assert "its process exited with code 1 before reporting a row" in rows["galore"]["error"]
+    assert "not-a-number" in (workdir / "out" / "galore.log").read_text()
+    assert not list((workdir / "out").glob("*.row.json*"))  # nothing half-written is left
+    assert "| galore | - |" in capsys.readouterr().out
