@@ -14,6 +14,7 @@ docstring), so it is tested on CPU with hand-made traces.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from qgl._atomic import atomic_open
 
@@ -168,12 +170,24 @@ class StepSnapshot:
         self.max_entries = int(max_entries)
         self.baseline: int | None = None
         self.written: tuple[Path, Path] | None = None
+        self._no_early_stop: contextlib.AbstractContextManager | None = None
 
     @property
     def recording(self) -> bool:
         return self.baseline is not None
 
     def start(self, device: torch.device) -> None:
+        """Start recording (and, until `stop_and_write`, run activation checkpoints without early stop).
+
+        Non-reentrant checkpointing stops a recomputation by raising an exception from the hook that
+        saves its last tensor; raised inside a custom autograd Function's forward (QLinear's) while
+        the allocator records Python stacks, torch loses it and the step dies with "SystemError:
+        <built-in method apply of FunctionMeta ...> returned NULL without setting an exception"
+        (torch 2.11, H100). Recomputing each checkpointed block to its end raises nothing; it costs
+        the few ops after a block's last saved tensor.
+        """
+        self._no_early_stop = set_checkpoint_early_stop(False)
+        self._no_early_stop.__enter__()
         torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
         self.baseline = torch.cuda.memory_allocated(device)
 
@@ -183,6 +197,9 @@ class StepSnapshot:
             snapshot = torch.cuda.memory._snapshot(device)
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
+            if self._no_early_stop is not None:
+                self._no_early_stop.__exit__(None, None, None)
+                self._no_early_stop = None
         baseline, self.baseline = int(self.baseline or 0), None
         index = device.index if device.index is not None else torch.cuda.current_device()
         report = peak_report(snapshot, baseline, index)

@@ -162,3 +162,43 @@ def test_replayed_peak_of_a_cuda_step_is_max_memory_allocated(tmp_path):
     assert report.before_bytes + sum(s.nbytes for s in report.sites) == report.peak_bytes
     assert sum(s.nbytes for s in report.sites) >= 2048 * 4096 * 4  # at least one (2048, 4096) fp32 activation
     assert "peak allocated:" in text_path.read_text()
+
+
+def test_checkpoints_recompute_without_early_stop_while_recording(tmp_path, monkeypatch):
+    """While a step is recorded, activation checkpoints recompute each block to its end (the early
+    stop raises through QLinear's autograd Function, which torch loses under Python-stack recording);
+    before and after, torch's default holds."""
+    import torch.utils.checkpoint as ckpt
+
+    cuda_memory = torch.cuda.memory
+    monkeypatch.setattr(cuda_memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(cuda_memory, "_snapshot", lambda *a, **k: {"segments": [], "device_traces": [[]]})
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+    default = ckpt._enable_checkpoint_early_stop
+    snap = StepSnapshot(0, tmp_path)
+    snap.start(torch.device("cuda", 0))
+    assert ckpt._enable_checkpoint_early_stop is False
+    snap.stop_and_write(torch.device("cuda", 0))
+    assert ckpt._enable_checkpoint_early_stop is default
+    assert (tmp_path / "memory-peak-step0.txt").is_file()
+
+
+@pytest.mark.cuda
+def test_a_recorded_step_of_checkpointed_int8_linears_runs(tmp_path):
+    """QLinear inside a non-reentrant activation checkpoint, recorded with Python stacks: the step
+    runs (it died with a SystemError from the Function's apply before early stop was turned off)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qgl.nn import QLinear
+
+    torch.manual_seed(0)
+    layers = nn.Sequential(QLinear(256, 512), nn.GELU(), QLinear(512, 256)).cuda().bfloat16()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    snap = StepSnapshot(0, tmp_path)
+    snap.start(torch.device("cuda"))
+    checkpoint(layers, x, use_reentrant=False).float().square().mean().backward()
+    torch.cuda.synchronize()
+    _, text_path = snap.stop_and_write(torch.device("cuda"))
+    assert layers[0].weight.grad is not None and torch.isfinite(layers[0].weight.grad).all()
+    assert "peak allocated:" in text_path.read_text()
