@@ -118,6 +118,27 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def test_bitsandbytes_direction_is_its_update_at_lr_minus_one_bit_for_bit():
+    """`_direction_8bit_bnb` reads the direction off bitsandbytes' update of a zero parameter at
+    lr = -1 (no negation pass): the same bits as minus its lr = 1 update, the same moments
+    (bitsandbytes' CPU kernel; tests/test_cuda.py checks the CUDA one against the exact math)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from qgl.optim.adam import _direction_8bit_bnb, _qmap, init_moments
+
+    g = torch.randn(64, 512) * torch.logspace(-3, 0, 512)
+    ours, theirs = init_moments(g.shape, g.device, 8, 0), init_moments(g.shape, g.device, 8, 0)
+    for step in (1, 2, 3):
+        direction = _direction_8bit_bnb(g, ours, 0.9, 0.999, 1e-8, step)
+        p = torch.zeros_like(g)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam", g, p, theirs["exp_avg_codes"], theirs["exp_avg_sq_codes"], 0.9, 0.999, 0.0, 0.0,
+            1e-8, step, 1.0, _qmap(True, g.device), _qmap(False, g.device), theirs["exp_avg_absmax"],
+            theirs["exp_avg_sq_absmax"], 0.0, 1.0, False,
+        )
+        assert torch.equal(direction, -p)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_8bit_reference_as_accurate_as_bitsandbytes():
     """Our plain-torch 8-bit Adam and bitsandbytes' CPU kernel, both against fp32 Adam.
 

@@ -209,8 +209,8 @@ def _direction_8bit_bnb(
     grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
 ) -> Tensor:
     bnbf = _bitsandbytes()
-    # bitsandbytes updates a parameter in place: from p = 0 with lr = 1 and no weight decay,
-    # p ends as minus the direction.
+    # bitsandbytes updates a parameter in place, p -= lr * direction: from p = 0 with lr = -1 and
+    # no weight decay, p ends as the direction (lr only scales the step: the sign flip is exact).
     g = grad.float().contiguous()
     p = torch.zeros_like(g)
     bnbf.optimizer_update_8bit_blockwise(
@@ -225,7 +225,7 @@ def _direction_8bit_bnb(
         0.0,
         eps,
         step,
-        1.0,
+        -1.0,
         _qmap(True, g.device),
         _qmap(False, g.device),
         state["exp_avg_absmax"],
@@ -234,4 +234,4 @@ def _direction_8bit_bnb(
         1.0,
         False,
     )
-    return p.neg_()
+    return p
