@@ -219,3 +219,48 @@ def test_nonfinite_flags_on_cuda(dtype):
     assert [id(p) for p in flags.pop_flagged()] == [id(params[i]) for i in (0, 2, 3)]
     assert all(bool(torch.isfinite(g).all()) for g in grads) and grads[2][999, 516] == 0
     assert flags.pop_flagged() == []
+
+
+@pytest.mark.parametrize("method", ["qgalore", "galore"])
+def test_a_layerwise_step_never_waits_for_the_device(method):
+    """Forward and backward of a layer-wise step (every update runs in a backward hook) queue their
+    work without one host-device synchronization: a sync per matrix would serialize the host's
+    Python with the GPU's kernels, matrix by matrix. `step()` then reads the finite flags: one sync."""
+    import warnings
+
+    from qgl.callbacks.methods import GALORE
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_name(
+        "tiny", hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4, max_seq_len=128
+    ).cuda()
+    galore = {}
+    if method == "qgalore":
+        quantize_model(model)
+    else:
+        galore = {k: v for k, v in GALORE.items() if k != "quantize_weights"}
+    model = model.bfloat16()
+    opt = QGaLoreAdamW(make_param_groups(model, rank=32, update_proj_gap=10**6, **galore), lr=1e-3,
+                       layerwise=True)
+    tokens = torch.randint(0, 320, (4, 129), device="cuda")
+
+    def step():
+        model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+
+    step()  # the first updates run the SVDs (which synchronize), and caches warm up
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        step_syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not syncs, syncs
+    assert len(step_syncs) <= 2, [str(w.message) for w in step_syncs]
