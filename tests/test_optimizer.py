@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qgl.optim import QGaLoreAdamW, make_param_groups
 
@@ -211,29 +212,30 @@ def test_nan_gradient_raises_before_any_update():
         assert torch.equal(v, before[k]), k
 
 
+class _LargestOutput(TorchDispatchMode):
+    """Records the element count of the largest tensor any op returns while it is active."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
 def test_all_finite_reads_the_gradient_without_full_size_temporaries(dtype, bad):
     """The non-finite check runs on every gradient of every step: it must not allocate gradient-
     sized tensors (torch.isfinite(g).all() makes ~5 bytes an element, which the memory plan omits)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from qgl.optim.finite import all_finite
-
-    class LargestOutput(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.numel = max(self.numel, t.numel())
-            return out
 
     g = torch.randn(300, 257).to(dtype)
     if bad is not None:
         g[123, 45] = bad
-    with LargestOutput() as mode:
+    with _LargestOutput() as mode:
         flag = all_finite(g)
     assert mode.numel == 1 and flag.dtype == torch.bool and flag.shape == ()
     assert bool(flag) == (bad is None) == bool(torch.isfinite(g).all())
@@ -244,19 +246,7 @@ def test_all_finite_reads_the_gradient_without_full_size_temporaries(dtype, bad)
 def test_nonfinite_flags_name_the_parameters_and_write_no_temporaries(dtype):
     """The per-gradient check of the layer-wise hooks: one reduction into the parameter's slot (no
     tensor larger than a slot), the gradient untouched unless asked, cleared when read."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from qgl.optim.finite import NonFiniteFlags
-
-    class LargestOutput(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.numel = max(self.numel, t.numel())
-            return out
 
     params = [nn.Parameter(torch.zeros(300, 257, dtype=dtype)) for _ in range(4)]
     grads = [torch.randn(300, 257).to(dtype) for _ in params]
@@ -264,7 +254,7 @@ def test_nonfinite_flags_name_the_parameters_and_write_no_temporaries(dtype):
     flags = NonFiniteFlags(params)
     flags.check_(params[0], grads[0])  # the flags are allocated on first use
     before = [g.clone() for g in grads]
-    with LargestOutput() as mode:
+    with _LargestOutput() as mode:
         for p, g in zip(params[1:], grads[1:], strict=True):
             flags.check_(p, g)
     assert mode.numel <= 2  # views of the (min, max) slot
