@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import choice_list  # noqa: E402
 from _public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
 
+from qgl._atomic import atomic_open  # noqa: E402
 from qgl.callbacks.methods import METHODS  # noqa: E402
 from qgl.config import load_recipe  # noqa: E402
 
@@ -197,13 +198,6 @@ def per_method_override(text: str) -> tuple[str, str]:
 _methods = choice_list(ALL, "methods")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _run_in_child(ns: argparse.Namespace, method: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
     """One row from a fresh `python methods.py ... --methods METHOD` process (its row comes back as
     JSON through a file); a child that dies without one (a crash, the OOM killer) gives an error row."""
@@ -265,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         (method,) = ns.methods  # its output goes where the parent sends it (the method's log)
         row = run_method(recipe, overrides, method, ns.steps, ns.device, work.resolve(), None,
                          extra_overrides=per_method.get(method, ()), public_int8=not ns.public_float_weights)
-        _write_atomically(ns.row_json, json.dumps(row))
+        with atomic_open(ns.row_json) as f:
+            f.write(json.dumps(row).encode())
         return 0
     isolate = ns.device == "cuda" if ns.isolate is None else ns.isolate
     rows = []
@@ -279,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                                    extra_overrides=per_method.get(method, ()),
                                    public_int8=not ns.public_float_weights))
         # After every row: a run cut short (a time limit) keeps the rows it finished.
-        _write_atomically(work / "results.json", json.dumps(rows, indent=1))
+        with atomic_open(work / "results.json") as f:
+            f.write(json.dumps(rows, indent=1).encode())
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print()
     print(header(recipe, overrides, ns.steps, ns.device)

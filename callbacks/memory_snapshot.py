@@ -183,12 +183,12 @@ class StepSnapshot:
         saves its last tensor; raised inside a custom autograd Function's forward (QLinear's) while
         the allocator records Python stacks, torch loses it and the step dies with "SystemError:
         <built-in method apply of FunctionMeta ...> returned NULL without setting an exception"
-        (torch 2.11, H100). Recomputing each checkpointed block to its end raises nothing; it costs
-        the few ops after a block's last saved tensor.
+        (torch 2.11, H100 and H200). Recomputing each checkpointed block to its end raises nothing;
+        it costs the few ops after a block's last saved tensor.
         """
+        torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
         self._no_early_stop = set_checkpoint_early_stop(False)
         self._no_early_stop.__enter__()
-        torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
         self.baseline = torch.cuda.memory_allocated(device)
 
     def stop_and_write(self, device: torch.device, why: str = "") -> tuple[Path, Path]:
