@@ -119,24 +119,32 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _bnb_adam_minus_direction(bnbf, grad, state, step):
+    """bitsandbytes' 8-bit blockwise Adam (betas 0.9/0.999, eps 1e-8) on a zero parameter at lr 1:
+    minus the direction. Advances `state`'s codes and absmax in place."""
+    from qgl.optim.adam import _qmap
+
+    p = torch.zeros_like(grad)
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam", grad, p, state["exp_avg_codes"], state["exp_avg_sq_codes"], 0.9, 0.999, 0.0, 0.0, 1e-8,
+        step, 1.0, _qmap(True, grad.device), _qmap(False, grad.device), state["exp_avg_absmax"],
+        state["exp_avg_sq_absmax"], 0.0, 1.0, False,
+    )
+    return p
+
+
 def test_bitsandbytes_direction_is_its_update_at_lr_minus_one_bit_for_bit():
     """`_direction_8bit_bnb` reads the direction off bitsandbytes' update of a zero parameter at
     lr = -1 (no negation pass): the same bits as minus its lr = 1 update, the same moments
     (bitsandbytes' CPU kernel; tests/test_cuda.py checks the CUDA one against the exact math)."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from qgl.optim.adam import _direction_8bit_bnb, _qmap, init_moments
+    from qgl.optim.adam import _direction_8bit_bnb, init_moments
 
     g = torch.randn(64, 512) * torch.logspace(-3, 0, 512)
     ours, theirs = init_moments(g.shape, g.device, 8, 0), init_moments(g.shape, g.device, 8, 0)
     for step in (1, 2, 3):
         direction = _direction_8bit_bnb(g, ours, 0.9, 0.999, 1e-8, step)
-        p = torch.zeros_like(g)
-        bnbf.optimizer_update_8bit_blockwise(
-            "adam", g, p, theirs["exp_avg_codes"], theirs["exp_avg_sq_codes"], 0.9, 0.999, 0.0, 0.0,
-            1e-8, step, 1.0, _qmap(True, g.device), _qmap(False, g.device), theirs["exp_avg_absmax"],
-            theirs["exp_avg_sq_absmax"], 0.0, 1.0, False,
-        )
-        assert torch.equal(direction, -p)
+        assert torch.equal(direction, -_bnb_adam_minus_direction(bnbf, g, theirs, step))
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -146,7 +154,7 @@ def test_8bit_reference_as_accurate_as_bitsandbytes():
     bitsandbytes' code search is not an exact nearest-entry rounding, so bits differ on a few
     percent of codes; what must hold is that ours tracks fp32 Adam at least as well."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from qgl.optim.adam import _direction_8bit_ref, _qmap, adam_direction, init_moments
+    from qgl.optim.adam import _direction_8bit_ref, adam_direction, init_moments
 
     g0 = torch.randn(64, 96) * torch.logspace(-3, 0, 96)  # columns of very different scales
     exact, ours = init_moments(g0.shape, g0.device, 32), init_moments(g0.shape, g0.device, 8, 0)
@@ -156,28 +164,7 @@ def test_8bit_reference_as_accurate_as_bitsandbytes():
         grad[:4] = 0  # rows without gradient this step, as an unused embedding row has
         d_exact = adam_direction(grad, exact, 0.9, 0.999, 1e-8, step)
         d_ours = _direction_8bit_ref(grad, ours, 0.9, 0.999, 1e-8, step)
-        p = torch.zeros_like(grad)
-        bnbf.optimizer_update_8bit_blockwise(
-            "adam",
-            grad,
-            p,
-            theirs["exp_avg_codes"],
-            theirs["exp_avg_sq_codes"],
-            0.9,
-            0.999,
-            0.0,
-            0.0,
-            1e-8,
-            step,
-            1.0,
-            _qmap(True, g0.device),
-            _qmap(False, g0.device),
-            theirs["exp_avg_absmax"],
-            theirs["exp_avg_sq_absmax"],
-            0.0,
-            1.0,
-            False,
-        )
+        p = _bnb_adam_minus_direction(bnbf, grad, theirs, step)
         err_ours, err_bnb = _rel_err(d_ours, d_exact), _rel_err(-p, d_exact)
         # Measured: ours 0.19-0.22, bitsandbytes 0.41-0.43 (gradient scales span 1e-3..1 in a block).
         assert err_ours < 0.3, (step, err_ours)
