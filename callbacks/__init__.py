@@ -1,10 +1,11 @@
 """Lightning callbacks of qgl (import name `qgl.callbacks`): Q-GaLore on any LightningModule, the other
 training methods (`methods.py`), and monitors."""
 
+from qgl.callbacks.finite import NonFiniteError, NonFiniteGuard
 from qgl.callbacks.memory import MemoryMonitor
 from qgl.callbacks.methods import AdamW8bitCallback, LoRACallback, OptimizerSwap, method_callbacks
 from qgl.callbacks.qgalore import QGaLoreCallback
 from qgl.callbacks.subspace import SubspaceMonitor
 
-__all__ = ["AdamW8bitCallback", "LoRACallback", "MemoryMonitor", "OptimizerSwap", "QGaLoreCallback",
-           "SubspaceMonitor", "method_callbacks"]
+__all__ = ["AdamW8bitCallback", "LoRACallback", "MemoryMonitor", "NonFiniteError", "NonFiniteGuard",
+           "OptimizerSwap", "QGaLoreCallback", "SubspaceMonitor", "method_callbacks"]

@@ -29,6 +29,7 @@ from qgl.config import (
 )
 
 EXIT_RECIPE_ERROR = 2
+EXIT_RUN_ERROR = 1  # a run that could not start or stopped: bad data, checkpoint, output dir, NaN
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -157,9 +158,17 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     print(to_yaml(cfg), end="", flush=True)
     if dry_run:
         return 0
+    from qgl.callbacks.finite import NonFiniteError
+    from qgl.data.dataset import DataError
+    from qgl.lightning.checkpoint import CheckpointError
+    from qgl.lightning.resume import RunSetupError
     from qgl.lightning.run import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (RunSetupError, CheckpointError, DataError, NonFiniteError) as e:
+        print(f"qgl: error: {e}", file=sys.stderr)
+        return EXIT_RUN_ERROR
     return 0
 
 

@@ -115,11 +115,15 @@ def test_train_end_to_end_wandb_offline(clean_env, spy_run, capsys):
     assert s["tokens_per_sec_after_first_step"] > 0
     assert "after the first step" in out
     assert os.environ["WANDB_MODE"] == "offline"
-    runs = list((clean_env / "runs" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and s["run_dir"] == str(runs[0].resolve())
+    # Everything of the run in its own directory <save_dir>/<project>/<logger.name>: the recipe, the
+    # W&B run, the checkpoints.
+    run_dir = clean_env / "runs" / "qgl" / "tiny"
+    assert s["run_dir"] == str(run_dir.resolve()) and (run_dir / "config.yaml").is_file()
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and s["log_dir"] == str(runs[0].resolve())
     assert any(runs[0].glob("run-*.wandb"))
-    assert (clean_env / "checkpoints" / "last.ckpt").is_file() and s["last_checkpoint"].endswith("last.ckpt")
-    assert (clean_env / "checkpoints" / "step000004.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and s["last_checkpoint"].endswith("last.ckpt")
+    assert (run_dir / "checkpoints" / "step000004.ckpt").is_file()
 
 
 def test_train_with_a_profiler_writes_its_report_in_the_run_dir(clean_env, spy_run):

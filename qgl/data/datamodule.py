@@ -19,12 +19,18 @@ class ResumableSampler(DistributedSampler):
     that can start an epoch part-way through: the first pass after `skip(n)` leaves out the first n
     indices of this rank. It is a DistributedSampler so that Lightning leaves it in place under DDP
     instead of wrapping it, and it keeps reporting the full epoch's length because Lightning counts
-    the resumed batches of the epoch as already seen."""
+    the resumed batches of the epoch as already seen.
+
+    With `own_epochs` (how `TextDataModule` hands it to a Trainer) it counts epochs itself: each pass
+    after the first is the next epoch, and `set_epoch` is ignored. Lightning's epoch counter can run
+    ahead of the data (a checkpoint written when `max_steps` ends a fit counts the epoch as finished),
+    and the data order must not follow it there."""
 
     def __init__(self, dataset: TokenBlocks, *, seed: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, own_epochs: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
+        self.own_epochs, self._passes = own_epochs, 0
         self._skip = 0
         self.yielded = 0  # indices handed out in the current pass, for use outside Lightning
 
@@ -32,11 +38,17 @@ class ResumableSampler(DistributedSampler):
         self.epoch, self._skip = epoch, num_indices
 
     def set_epoch(self, epoch: int) -> None:
+        if self.own_epochs:
+            return
         if epoch != self.epoch:  # a new epoch starts from its beginning
             self._skip = 0
         super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
+        if self.own_epochs:
+            if self._passes:
+                self.epoch += 1
+            self._passes += 1
         indices = list(super().__iter__())
         skip, self._skip = self._skip, 0  # the skip applies to one pass only
         self.yielded = skip
@@ -101,7 +113,8 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._sampler = ResumableSampler(self.train_set, seed=self.seed, num_replicas=world, rank=rank)
+        self._sampler = ResumableSampler(self.train_set, seed=self.seed, num_replicas=world, rank=rank,
+                                         own_epochs=trainer is not None)
         epoch, seen = self._resume
         if seen >= self.batches_per_epoch:  # saved at the end of an epoch: resume at the next one
             epoch, seen = epoch + 1, 0
@@ -124,9 +137,12 @@ class TextDataModule(L.LightningDataModule):
     def _position(self) -> tuple[int, int]:
         trainer, sampler = self.trainer, self._sampler
         if trainer is not None:
-            # Lightning's count of the batches it fetched for training this epoch: the loader itself
-            # runs ahead of the training step (the fetcher prefetches), so its own count would not do.
-            return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            # Lightning's count of the training batches it took, over the whole run (restored on
+            # resume): the loader itself runs ahead of the training step (the fetcher prefetches), so
+            # its own count would not do, and Lightning's epoch counter may run ahead of the data.
+            total = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            per_epoch = self.batches_per_epoch
+            return total // per_epoch, total % per_epoch
         if sampler is not None:
             return sampler.epoch, sampler.yielded // self.batch_size
         return self._resume

@@ -59,6 +59,10 @@ class TextSource:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.identity).name or self.kind)[:48]
 
 
+class DataError(ValueError):
+    """Unusable input data; `str(error)` is one line naming the file (and line) and the problem."""
+
+
 def read_corpus() -> str:
     """The embedded corpus as one string (about 4 MB)."""
     with gzip.open(CORPUS_PATH, "rt", encoding="utf-8", newline="") as f:
@@ -88,21 +92,35 @@ def _text_pieces(path: Path) -> Iterator[str]:
                     yield "".join(piece)
                     piece, size = [], 0
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+        raise DataError(f"{path} is not UTF-8 text: {e}") from e
     if piece:
         yield "".join(piece)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Each line of a .jsonl file: a JSON object whose `text_field` is a string (blank lines skipped).
+    Any other line is a `DataError` naming `path:line`."""
+    with open(path, "rb") as f:  # bytes, so that a bad encoding is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                f"0x{raw[e.start]:02x})") from e
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{path}:{lineno}: no field {text_field!r} (set text_field to the "
-                                 "name of the text field)")
-            yield [row[text_field]]
+                raise DataError(f"{path}:{lineno}: no field {text_field!r} (set text_field to the "
+                                "name of the text field)")
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__} "
+                                f"{json.dumps(text)[:40]}, expected a string")
+            yield [text]
 
 
 def _local_source(path: Path, text_field: str) -> TextSource:

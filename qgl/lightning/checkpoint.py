@@ -8,6 +8,12 @@ temporary file beside the target, which is flushed and fsync'ed and then `os.rep
 target (atomic on POSIX and Windows within one filesystem), and the directory is fsync'ed so that
 the rename itself survives a power loss.
 
+Every checkpoint is a zip archive (torch's format) whose members carry a CRC32 of their bytes;
+`verify_checkpoint` checks them all before a load, so that a truncated, overwritten or bit-flipped
+file is one clear error (`CheckpointError`) instead of a silent load or torch's advice to retry with
+`weights_only=False`. The checksums live inside the file, so they are written (and renamed into
+place) atomically with it. Files get the process umask (mkstemp would leave them 0600).
+
 Two pieces, because Lightning splits the job the same way:
   * `AtomicCheckpointIO`: the `CheckpointIO` plugin that does the writing (any `trainer.save_checkpoint`);
   * `AtomicModelCheckpoint`: a `ModelCheckpoint` that installs it on its trainer, removes temporary
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +41,60 @@ from qgl._atomic import atomic_open
 TMP_SUFFIX = ".qgl-tmp"  # temporary files are ".<name>.<random>.qgl-tmp": hidden, never "*.ckpt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; `str(error)` is one line naming the file and the problem."""
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)` that either fully replaces `path` or leaves it untouched.
+    """`torch.save(obj, path)` that either fully replaces `path` or leaves it untouched, with the
+    CRC32 of every member written (whatever `torch.serialization.set_crc32_options` says).
 
     On a hard kill the hidden temporary (suffix `TMP_SUFFIX`) stays behind and `path` still
     holds the previous checkpoint; `remove_stale_temporaries` cleans such leftovers."""
-    with atomic_open(path, suffix=TMP_SUFFIX) as f:
-        torch.save(obj, f)
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)
+    try:
+        with atomic_open(path, suffix=TMP_SUFFIX) as f:
+            torch.save(obj, f)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` (one line) unless `path` is a complete torch zip checkpoint whose
+    members all match their CRC32 (reads the whole file once)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (a save was cut short?)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a complete torch checkpoint ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: member {bad!r} fails its checksum")
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(f"checkpoint {str(path)!r} is a zip file but not a torch checkpoint")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                    mmap: bool = False) -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)` after `verify_checkpoint`; any failure is a one-line
+    `CheckpointError` (never a suggestion to unpickle arbitrary objects)."""
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((ln.strip() for ln in first if "Unsupported global" in ln), "unsupported content")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
+                              f"types; refusing to unpickle them ({why})") from e
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, one line naming the file
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded: {line}") from e
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
@@ -66,6 +121,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any = "cpu",
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "file" not in get_filesystem(path).protocol or weights_only is False:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint(path, map_location=map_location)
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -97,4 +159,5 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-__all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "atomic_torch_save", "remove_stale_temporaries"]
+__all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "CheckpointError", "atomic_torch_save",
+           "load_checkpoint", "remove_stale_temporaries", "verify_checkpoint"]

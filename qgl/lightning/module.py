@@ -21,7 +21,7 @@ from qgl.models.llama import IGNORE_INDEX, LlamaConfig, LlamaForCausalLM, causal
 
 class WarmupCosine:
     """LR factor: linear warm-up to 1 over `warmup_steps`, then cosine down to `min_lr_ratio` at
-    `max_steps` (and flat after). A callable object, so `LambdaLR` checkpoints its settings."""
+    `max_steps` (and flat after)."""
 
     def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> None:
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -34,6 +34,21 @@ class WarmupCosine:
             return (step + 1) / self.warmup_steps  # the first update already moves the weights
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ScheduleFromConfig(torch.optim.lr_scheduler.LambdaLR):
+    """A `LambdaLR` whose checkpoint restores only its position (the step count): the schedule and
+    the base lrs stay those it was built with, i.e. the current config's, so that a resumed run with
+    a larger `max_steps` or another `lr` follows the new schedule from the resumed step on. Loading
+    also sets each group's lr for that step (the optimizer's own state brought the old one)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, lrs, strict=True):
+            group["lr"], group["initial_lr"] = lr, base
+        self._last_lr = lrs
 
 
 def build_model(model: str | LlamaConfig | dict, activation_checkpointing: bool = False,
@@ -118,8 +133,7 @@ class CausalLMModule(pl.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                       weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(hp.warmup_steps, hp.max_steps, hp.min_lr_ratio))
+        schedule = ScheduleFromConfig(optimizer, WarmupCosine(hp.warmup_steps, hp.max_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,8 +3,10 @@
 It wires the parts together and holds no training logic: `TextDataModule`, `CausalLMModule`,
 the callbacks of `cfg.method` (`qgl.callbacks.method_callbacks`: none for "full", `QGaLoreCallback`
 with its `SubspaceMonitor` for "qgalore" and "galore", LoRA, 8-bit AdamW), `MemoryMonitor`, a rich
-progress bar, `AtomicModelCheckpoint`, the W&B (offline unless a key is configured) or CSV logger,
-and a `Trainer` from `cfg.trainer`; then it fits and prints a summary, which it also returns.
+progress bar, `NonFiniteGuard`, `AtomicModelCheckpoint`, the W&B (offline unless a key is configured)
+or CSV logger, and a `Trainer` from `cfg.trainer`; then it fits and prints a summary, which it also
+returns. Before anything is built it resolves the run directory (`qgl.lightning.resume`), creates and
+write-tests it, and checks a resumed checkpoint against the recipe.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import netrc
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from qgl.callbacks.finite import NonFiniteError, NonFiniteGuard
 from qgl.config import RecipeConfig
 from qgl.lightning.checkpoint import AtomicModelCheckpoint
+from qgl.lightning.resume import RecipeRecord, check_resume, prepare_dirs, resolve_run
 
 _MIB = 2**20
 
@@ -107,23 +112,24 @@ def wandb_mode(configured: str | None) -> str:
     return configured or os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
 
 
-def build_logger(cfg: RecipeConfig) -> tuple[Logger, str]:
-    """The run's logger and its directory (a W&B run dir, or the CSV version dir)."""
+def build_logger(cfg: RecipeConfig, run_dir: str | os.PathLike) -> tuple[Logger, str]:
+    """The run's logger, writing into `run_dir`, and its own directory (the W&B run's folder
+    `<run_dir>/wandb/<run>`, or `run_dir` itself for the CSV logger's metrics.csv)."""
     lc = cfg.logger
-    Path(lc.save_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
     if not lc.wandb:
-        logger: Logger = CSVLogger(lc.save_dir, name=lc.project, version=lc.name)
-        return logger, str(Path(logger.log_dir).resolve())
+        logger: Logger = CSVLogger(run_dir, name="", version="")
+        return logger, str(run_dir.resolve())
     mode = wandb_mode(lc.mode)
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=lc.project, name=lc.name, save_dir=lc.save_dir, mode=mode)
+    logger = WandbLogger(project=lc.project, name=lc.name or run_dir.name, save_dir=str(run_dir), mode=mode)
     # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
     if logger._wandb_init.get("anonymous", "") is None:
         del logger._wandb_init["anonymous"]
     run = logger.experiment  # starts the run now, so that its directory can be printed
     if mode == "disabled" or not getattr(run, "dir", None):
-        return logger, str(Path(lc.save_dir).resolve())
+        return logger, str(run_dir.resolve())
     return logger, str(Path(run.dir).parent.resolve())  # run.dir is <save_dir>/wandb/<run>/files
 
 
@@ -164,8 +170,9 @@ def _module(cfg: RecipeConfig, tokenizer_vocab: int) -> L.LightningModule:
                           vocab_size=_vocab_size(cfg, tokenizer_vocab))
 
 
-def _callbacks(cfg: RecipeConfig, extra: Sequence[Callback] = (),
-               run_dir: str = ".") -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
+def _callbacks(cfg: RecipeConfig, extra: Sequence[Callback] = (), run_dir: str = ".",
+               checkpoint_dir: str | os.PathLike | None = None
+               ) -> tuple[list[Callback], AtomicModelCheckpoint, RunStats, Any]:
     from qgl.callbacks import MemoryMonitor, method_callbacks
     from qgl.plan import predicted_parts
 
@@ -175,10 +182,14 @@ def _callbacks(cfg: RecipeConfig, extra: Sequence[Callback] = (),
                            snapshot_step=cfg.trainer.memory_snapshot_step, snapshot_dir=run_dir)
     stats = RunStats()
     c = cfg.checkpoint
-    ckpt = AtomicModelCheckpoint(dirpath=c.dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=c.every_n_steps or None, save_last=c.save_last,
-                                 save_top_k=1 if c.every_n_steps else 0)
-    callbacks += [memory, stats, RichProgressBar(), ckpt]
+    # The run dir is the run's own: no version counter (last-v1.ckpt) is ever needed.
+    ckpt = AtomicModelCheckpoint(dirpath=checkpoint_dir or c.dir, filename="step{step:06d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=c.every_n_steps or None,
+                                 save_last=c.save_last, save_top_k=1 if c.every_n_steps else 0,
+                                 enable_version_counter=False)
+    # The guard before the checkpoint callback (Lightning runs checkpoint callbacks last anyway):
+    # a non-finite step raises before its state could be saved.
+    callbacks += [memory, stats, RichProgressBar(), NonFiniteGuard(), RecipeRecord(cfg), ckpt]
     return callbacks, ckpt, stats, memory
 
 
@@ -204,37 +215,69 @@ def _trainer(cfg: RecipeConfig, callbacks: list[Callback], logger: Logger, run_d
                      check_val_every_n_epoch=None,
                      limit_val_batches=1.0 if t.limit_val_batches is None else t.limit_val_batches,
                      gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
-                     callbacks=callbacks, logger=logger, default_root_dir=cfg.logger.save_dir,
+                     callbacks=callbacks, logger=logger, default_root_dir=run_dir,
                      profiler=_profiler(t.profiler, run_dir))
 
 
 # ---------------------------------------------------------------- run
 def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train `cfg` and return the summary numbers (also printed as a table). `extra_callbacks` join
-    the method's (`qgl.callbacks.method_callbacks`), before the monitors."""
+    the method's (`qgl.callbacks.method_callbacks`), before the monitors.
+
+    Raises (each a one-line message, before anything is built where it can be known then):
+    `RunSetupError` (unwritable output, nothing to resume, a refused change on resume),
+    `CheckpointError` (an unusable checkpoint), `qgl.data.dataset.DataError`, `NonFiniteError`."""
     console = Console()
+    paths = resolve_run(cfg)
+    if paths.resume_from is not None:
+        for line in check_resume(cfg, paths.resume_from):
+            console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
+    prepare_dirs(cfg, paths)
     L.seed_everything(cfg.seed, workers=True)
     dm = _data_module(cfg)
     module = _module(cfg, dm.vocab_size)
-    logger, run_dir = build_logger(cfg)
-    console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
+    logger, log_dir = build_logger(cfg, paths.run_dir)
+    run_dir = str(paths.run_dir.resolve())
+    console.print(f"[bold]run directory:[/bold] {run_dir}"
+                  + (f" (resuming {paths.resume_from})" if paths.resume_from else ""), soft_wrap=True)
     if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
-        console.print(f"W&B runs offline: upload later with `wandb sync {run_dir}`", soft_wrap=True)
+        console.print(f"W&B runs offline: upload later with `wandb sync {log_dir}`", soft_wrap=True)
     failed = True
     try:
-        callbacks, ckpt, stats, memory = _callbacks(cfg, extra_callbacks, run_dir)
+        callbacks, ckpt, stats, memory = _callbacks(cfg, extra_callbacks, run_dir, paths.checkpoint_dir)
         logger.log_hyperparams(OmegaConf.to_container(OmegaConf.structured(cfg)))
         trainer = _trainer(cfg, callbacks, logger, run_dir)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        resume = None if paths.resume_from is None else str(paths.resume_from)
+        with warnings.catch_warnings():
+            # A resumed run appends to its own run dir's metrics.csv: that dir is not empty, by design.
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            _fit(trainer, module, dm, resume, ckpt)
         if cfg.trainer.limit_val_batches != 0 and stats.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=dm, verbose=False)  # the summary reports the final model
         summary = _summary(cfg, trainer, stats, memory, ckpt, run_dir, time.perf_counter() - start)
+        summary["log_dir"] = log_dir
         failed = False
     finally:
         _finish(logger, failed)
     _print_summary(console, summary)
     return summary
+
+
+def _fit(trainer: L.Trainer, module: L.LightningModule, dm: Any, ckpt_path: str | None,
+         ckpt: AtomicModelCheckpoint) -> None:
+    """`trainer.fit`; a non-finite step (the guard's, or an optimizer's own FloatingPointError) is
+    re-raised as one `NonFiniteError` line that names the step and the newest checkpoint kept."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except FloatingPointError as e:
+        line = str(e) if isinstance(e, NonFiniteError) else f"at step {trainer.global_step + 1}: {e}"
+        kept = [p for p in (ckpt.last_model_path, ckpt.best_model_path) if p and os.path.exists(p)]
+        if ckpt_path and not kept:
+            kept = [ckpt_path]
+        newest = max(kept, key=os.path.getmtime) if kept else None
+        where = f"; newest good checkpoint: {newest}" if newest else "; no checkpoint was written"
+        raise NonFiniteError(line + where) from e
 
 
 def _float(metrics: dict[str, Any], key: str) -> float | None:
@@ -264,9 +307,9 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "svd_total": subspace.get("svd_total"), "galore_svds": subspace.get("galore_svds"),
         "svd_saved_frac": subspace.get("svd_saved_frac"),
         "subspace_heatmap": subspace.get("heatmap") and os.path.abspath(subspace["heatmap"]),
-        "run_dir": run_dir, "checkpoint_dir": str(Path(cfg.checkpoint.dir).resolve()),
+        "run_dir": run_dir, "checkpoint_dir": str(Path(ckpt.dirpath or cfg.checkpoint.dir).resolve()),
         "last_checkpoint": last, "periodic_checkpoint": ckpt.best_model_path or None,
-        "wall_seconds": seconds,
+        "wall_seconds": seconds, "train_losses": list(stats.losses),
     }
 
 
