@@ -120,7 +120,10 @@ def resolve_run(cfg: RecipeConfig) -> RunPaths:
 def prepare_dirs(cfg: RecipeConfig, paths: RunPaths) -> None:
     """Create the run and checkpoint directories and prove them writable (a file created and
     removed in each), before anything is built; `RunSetupError` names the key and the problem."""
-    for key, d in (("logger.save_dir", paths.run_dir), ("checkpoint.dir", paths.checkpoint_dir)):
+    dirs = [("logger.save_dir", paths.run_dir), ("checkpoint.dir", paths.checkpoint_dir)]
+    if not cfg.checkpoint.save_last and not cfg.checkpoint.every_n_steps:
+        dirs.pop()  # nothing will be checkpointed
+    for key, d in dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=d):
