@@ -40,12 +40,14 @@ class Server:
         env.setdefault("QGL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "qgl"))
         self.proc = subprocess.Popen([sys.executable, str(DRIVER)], cwd=cwd, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.child: int | None = None
 
     def start(self, args: list[str], losses: Path, kill_save: list | None = None) -> int:
         trial = {"args": args, "losses": str(losses), "kill_save": kill_save}
         self.proc.stdin.write(json.dumps(trial) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["pid"]
+        self.child = json.loads(self.proc.stdout.readline())["pid"]
+        return self.child
 
     def status(self) -> int:
         line = self.proc.stdout.readline()
@@ -53,8 +55,16 @@ class Server:
         return json.loads(line)["status"]
 
     def close(self) -> None:
+        """End the server; a trial still running (a failed assertion mid-chain) is killed first."""
+        if self.child is not None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self.child, signal.SIGKILL)
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _losses(path: Path) -> dict[int, str]:

@@ -228,6 +228,21 @@ def test_checkpoint_errors_are_one_line_and_flips_are_detected(tmp_path):
         assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"]) and loaded["global_step"] == 3
 
 
+def test_lightning_loads_through_the_verifying_reader(tmp_path):
+    """`trainer.fit(ckpt_path=...)` reads through AtomicCheckpointIO: the same checks and errors."""
+    from qgl.lightning.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "c.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(4)}, path)
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 2
+    b = bytearray(path.read_bytes())
+    start, stop = _payload(path)
+    b[(start + stop) // 2] ^= 0x10
+    path.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
 def test_checkpoint_with_code_is_refused_without_suggesting_weights_only_false(tmp_path):
     path = tmp_path / "obj.ckpt"
     atomic_torch_save({"x": Path("/")}, path)
