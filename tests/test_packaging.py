@@ -75,7 +75,7 @@ def test_callbacks_kernels_recipes_are_real_qgl_packages_not_symlinks():
         assert not (ROOT / "qgl" / name).is_symlink() and not (ROOT / "qgl" / name).exists(), name
     assert Path(qgl.callbacks.__file__).parent.name == "callbacks"
     assert Path(qgl.kernels.__file__).parent.name == "kernels"
-    assert RECIPES_DIR == Path(qgl.recipes.__file__).parent
+    assert Path(qgl.recipes.__file__).parent == RECIPES_DIR
     assert "tiny.yaml" in bundled_recipes() and "pretrain/llama_60m.yaml" in bundled_recipes()
 
 
