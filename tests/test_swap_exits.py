@@ -12,7 +12,8 @@ import pytest
 import torch
 from test_callbacks import ToyRegressor, qgalore, trainer
 
-from qgl.callbacks import AdamW8bitCallback
+from qgl.callbacks import AdamW8bitCallback, LoRACallback
+from qgl.nn import LoRALinear, QLinear
 from qgl.optim import QGaLoreAdamW
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,3 +118,28 @@ def test_adamw8bit_swap_restores_the_module_on_failure(tmp_path):
     assert isinstance(_run(tmp_path, module, [AdamW8bitCallback()]), RuntimeError)
     module.at_step = -1
     _assert_usable(tmp_path, module)
+
+
+class BuiltLate(ToyRegressor):
+    """`attn` is built in configure_model (after the callbacks' setup, before a checkpoint restore)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = None
+
+    def configure_model(self) -> None:
+        if self.attn is None:
+            self.attn = torch.nn.Linear(64, 64)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_configure_model_wrapper_is_removed(tmp_path, fails):
+    for callback in (qgalore(subspace_monitor=False), LoRACallback(r=4)):
+        module = BuiltLate()
+        err = _run(tmp_path, module, [callback, *([FailsInSetup()] if fails else [])])
+        assert (err is not None) == fails
+        assert "configure_model" not in vars(module) and "configure_optimizers" not in vars(module)
+        if not fails and isinstance(callback, LoRACallback):
+            assert isinstance(module.attn, LoRALinear)
+        elif not fails:  # the layer built in configure_model was quantized too
+            assert isinstance(module.attn, QLinear)
