@@ -1,7 +1,7 @@
 """Every private Lightning API that qgl uses, in one place, each with why.
 
 Lightning makes no promise about names starting with `_`: pyproject.toml bounds `lightning`
-(`>=2.4,<2.7`, tested on 2.6.6) and `tests/test_build.py` checks that the installed version is
+(`>=2.4,<2.7`, tested on 2.6.6) and `tests/test_packaging.py` checks that the installed version is
 inside that bound and that every symbol in `PRIVATE_SYMBOLS` still exists. Raising the upper bound
 means re-reading each use below against the new release.
 """
@@ -11,26 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-
-# Parsing a `configure_optimizers` return value (optimizer, list, dict, tuple of lists...) into
-# optimizers, schedulers and a monitor key: the optimizer swap reads the user's return value the way
-# Lightning would, so every form Lightning accepts is accepted (no public API parses it).
-# The scheduler functions turn the user's schedulers into `LRSchedulerConfig`s (interval, frequency,
-# monitor) exactly as Lightning would; the swap hands those configs to the trainer itself, since
-# Lightning refuses schedulers bound to an optimizer it was not given.
-# The validators give the user's schedulers Lightning's own checks (bound to the given optimizer;
-# a scheduler API Lightning can step, or `lr_scheduler_step` overridden).
 from lightning.pytorch.core.optimizer import (
+    # Parses a `configure_optimizers` return value (optimizer, list, dict, tuple of lists...) into
+    # optimizers, schedulers and a monitor key the way Lightning does, so the swap accepts every form
+    # Lightning accepts; there is no public parser.
     _configure_optimizers,
+    # Turn the user's schedulers into `LRSchedulerConfig`s (interval, frequency, monitor) exactly as
+    # Lightning would, for automatic and manual optimization: the swap adds those configs to the
+    # trainer itself in on_fit_start, since Lightning refuses schedulers bound to an optimizer it was
+    # not given (the user's, which the swap keeps but does not hand over).
     _configure_schedulers_automatic_opt,
     _configure_schedulers_manual_opt,
+    # Lightning's own check that every scheduler steps one of the given optimizers: it never sees the
+    # user's schedulers with the user's optimizer, so the swap runs the check in its place.
     _validate_optimizers_attached,
+    # Lightning's own check that a scheduler has the API Lightning steps (or `lr_scheduler_step` is
+    # overridden), for the same reason.
     _validate_scheduler_api,
 )
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
 
-# (module, attribute) of every private symbol used here; the build test imports each.
+# (module, attribute) of every private symbol used here; tests/test_packaging.py imports each.
 PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.core.optimizer", "_configure_optimizers"),
     ("lightning.pytorch.core.optimizer", "_configure_schedulers_automatic_opt"),
