@@ -29,9 +29,10 @@ import warnings
 import torch
 from torch import Tensor
 
+from qgl.optim.settings import QGALORE
 from qgl.quant.blockwise8 import dequantize_blockwise, dynamic_map, quantize_blockwise
 
-MIN_8BIT_SIZE = 4096
+MIN_8BIT_SIZE: int = QGALORE["min_8bit_size"]
 """Default size under which tensors keep fp32 moments (bitsandbytes' `min_8bit_size`)."""
 
 BLOCK_8BIT = 256
