@@ -325,6 +325,10 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
         from qgl.models.llama import LLAMA_CONFIGS
 
         _check_choice(cfg.model.name, tuple(LLAMA_CONFIGS), "model.name", where)
+        longest = LLAMA_CONFIGS[cfg.model.name].max_seq_len  # the RoPE cache: the forward refuses longer
+        if cfg.data.block_size > longest:
+            raise RecipeError(f"{where}: key 'data.block_size': {cfg.data.block_size} is longer than model "
+                              f"{cfg.model.name}'s max_seq_len {longest}", file=where, key="data.block_size")
     if cfg.method in ("qgalore", "galore"):
         _check_qgalore(cfg, where)
         _check_rank(cfg, where)

@@ -57,6 +57,7 @@ BAD = {
     "qgalore.layerwise_clip_norm=0": "qgalore.layerwise_clip_norm",
     "qgalore.target_modules=[nothing]": "qgalore.target_modules",
     "seed=-1": "seed",
+    "data.block_size=513": "data.block_size",  # tiny's RoPE cache holds 512 positions
 }
 
 
@@ -130,6 +131,11 @@ def test_every_setting_is_defined_once():
     plan = PlanSettings()
     shared = [f.name for f in dataclasses.fields(PlanSettings) if f.name in QGALORE]
     assert len(shared) == 13
+    assert inspect.signature(make_param_groups).parameters["rank"].default == QGALORE["rank"]
+    from qgl.config import PRECISIONS
+    from qgl.plan.settings import PRECISIONS as PLAN_PRECISIONS
+
+    assert set(PRECISIONS) == set(PLAN_PRECISIONS)  # the planner knows the bytes of every recipe precision
     assert all(getattr(plan, name) == QGALORE[name] for name in shared)
 
 
