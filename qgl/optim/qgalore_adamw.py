@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, adam_step_, init_moments, moments_nbytes
+from qgl.optim.adam import adam_direction, adam_step_, init_moments, moments_nbytes
 from qgl.optim.finite import NonFiniteFlags
 from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
-from qgl.optim.settings import GALORE, GaLoreSettings, OptimizerSettings, check_value, rank_fits
+from qgl.optim.settings import GALORE, QGALORE, GaLoreSettings, OptimizerSettings, check_value, rank_fits
 
 # GaLore group keys and their defaults: `qgl.optim.settings.GaLoreSettings`' fields; rank None: plain AdamW.
 GALORE_DEFAULTS: dict[str, Any] = {**GALORE, "rank": None}
@@ -70,8 +70,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        optim_bits: int = 8,
-        min_8bit_size: int = MIN_8BIT_SIZE,
+        optim_bits: int = QGALORE["optim_bits"],
+        min_8bit_size: int = QGALORE["min_8bit_size"],
         seed: int = 0,
         stochastic_rounding: bool = True,
         layerwise: bool = False,
