@@ -97,7 +97,7 @@ class QGaLoreCallback(Callback):
                  subspace_monitor: bool = True, offload: bool | str | None = _D["offload"]) -> None:
         # Checked here, at construction (a bad value never reaches the first backward hook).
         self.settings = QGaLoreSettings(
-            rank=rank, target_modules=list(target_modules), exclude=list(exclude),
+            rank=rank, target_modules=_listed(target_modules), exclude=_listed(exclude),
             quantize_weights=quantize_weights, group_size=group_size, symmetric=symmetric,
             update_proj_gap=update_proj_gap, scale=scale, proj_quant=proj_quant,
             proj_group_size=proj_group_size, adaptive=adaptive, cos_threshold=cos_threshold,
@@ -263,6 +263,11 @@ class QGaLoreCallback(Callback):
                            "the projected groups keep the checkpoint's GaLore options (saved in the "
                            "optimizer state)")
         self._loaded_user_optimizer = state_dict.get("user_optimizer")
+
+
+def _listed(patterns: Sequence[str]) -> Any:
+    # A lone string stays a string, so that the schema refuses it (list("attn") would be 4 patterns).
+    return patterns if isinstance(patterns, str) else list(patterns)
 
 
 def _wrap(pl_module: pl.LightningModule, name: str, body: Callable[[Callable[[], Any]], Any]) -> None:

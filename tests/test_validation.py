@@ -144,6 +144,7 @@ def test_every_setting_is_defined_once():
     (dict(optim_bits=4), "optim_bits"), (dict(offload="gpu"), "offload"),
     (dict(update_proj_gap=0), "update_proj_gap"),
     (dict(group_size=0), "group_size"), (dict(target_modules=[1]), "target_modules"),
+    (dict(exclude="lm_head"), "exclude"),
     (dict(layerwise=False, layerwise_clip_norm=1.0), "layerwise_clip_norm"),
 ])
 def test_every_user_refuses_at_construction(kwargs, field):

@@ -86,13 +86,13 @@ class PlanSettings:
         for name in ("batch_size", "seq_len", "accumulate"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
         try:
             for name in _SHARED:
                 check_value(QGaLoreSettings, name, getattr(self, name))
         except SettingError as e:
             raise PlanError(str(e)) from e
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
     def dtype_bytes(self) -> tuple[int, int, bool]:
