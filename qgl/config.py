@@ -339,7 +339,7 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
                           file=where, key="trainer.memory_snapshot_step")
 
 
-def _sections(schema: type = None, prefix: str = "") -> dict[type, str]:  # type: ignore[assignment]
+def _sections(schema: type | None = None, prefix: str = "") -> dict[type, str]:
     """{section class: its key prefix}, e.g. {OptimConfig: 'optim.', RecipeConfig: ''}."""
     schema = schema or RecipeConfig
     out = {schema: prefix}
