@@ -175,6 +175,13 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path, content, message):
     assert not list((tmp_path / "cache").glob("*.bin"))  # no partial cache entry
 
 
+def test_non_utf8_text_file_names_the_line(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"line one\nline two\nbad \xff byte\n")
+    with pytest.raises(DataError, match=r"t\.txt:3: not UTF-8 text \(invalid start byte\)"):
+        load_tokens(f, cache_dir=tmp_path / "cache")
+
+
 def test_data_error_is_one_line_from_qgl_train(clean_env, capsys):
     (clean_env / "d.jsonl").write_text('{"text": 1}\n')
     assert main(["train", *FAST, "data.source=d.jsonl", "trainer.max_steps=2"]) == 1

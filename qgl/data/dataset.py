@@ -92,9 +92,21 @@ def _text_pieces(path: Path) -> Iterator[str]:
                     yield "".join(piece)
                     piece, size = [], 0
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text: {e}") from e
+        raise DataError(f"{path}:{_first_bad_line(path, opener)}: not UTF-8 text ({e.reason})") from e
     if piece:
         yield "".join(piece)
+
+
+def _first_bad_line(path: Path, opener: Callable) -> int | str:
+    """The 1-based number of the first line of `path` that is not UTF-8 (read again, as bytes: only
+    on the error path, so that reading stays in text mode and keeps its pieces as they were)."""
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[list[str]]:
