@@ -302,3 +302,19 @@ def test_checkpoints_and_cache_files_get_the_umask(clean_env, tmp_path, monkeypa
     assert mode(tmp_path / "m.ckpt") == 0o644 and mode(tmp_path / "n.ckpt") == 0o640
     cached = list((tmp_path / "cache").iterdir())
     assert cached and all(mode(p) == 0o644 for p in cached)
+
+
+def test_ckpt_path_last_with_an_absolute_checkpoint_dir(clean_env):
+    """An absolute checkpoint.dir is used as given; `last` is its last.ckpt (nothing is created)."""
+    from qgl.config import load_recipe
+    from qgl.lightning.resume import RunSetupError, resolve_run
+
+    shared = clean_env / "shared"
+    cfg = load_recipe(None, [f"checkpoint.dir={shared}", "ckpt_path=last"])
+    with pytest.raises(RunSetupError, match="does not exist"):
+        resolve_run(cfg)
+    shared.mkdir()
+    atomic_torch_save({"global_step": 1}, shared / "last.ckpt")
+    paths = resolve_run(cfg)
+    assert paths.resume_from == shared / "last.ckpt" and paths.checkpoint_dir == shared
+    assert paths.run_dir == Path("runs") / "qgl" / "tiny" and not paths.run_dir.exists()

@@ -7,7 +7,8 @@ absolute one is used as given), the CSV metrics or the `wandb/` folder, heatmaps
 `<name>-1`, `<name>-2`, ... so that no run ever writes into another's directory.
 
 `ckpt_path=last` resumes the newest run (by the time of its `last.ckpt`) among `<name>` and
-`<name>-<n>` (any run of the project when `logger.name` is null), in that run's directory. An explicit
+`<name>-<n>` (any run of the project when `logger.name` is null), in that run's directory (with an
+absolute `checkpoint.dir`: that directory's `last.ckpt`, in the newest such run). An explicit
 checkpoint path resumes in the run directory that holds it, or else starts a new run directory.
 
 Resume rule (`check_resume`): settings the checkpoint's state was built for or whose data position
@@ -97,6 +98,15 @@ def resolve_run(cfg: RecipeConfig) -> RunPaths:
     if cfg.ckpt_path is None:
         run_dir = _new_run_dir(root, name)
         return RunPaths(run_dir, _checkpoint_dir(cfg, run_dir), None)
+    if cfg.ckpt_path == "last" and Path(cfg.checkpoint.dir).expanduser().is_absolute():
+        # A checkpoint dir outside the run dirs (shared by the runs that name it): its last.ckpt,
+        # continued in the newest run directory of this name (a new one if there is none).
+        path = Path(cfg.checkpoint.dir).expanduser() / "last.ckpt"
+        if not path.is_file():
+            raise RunSetupError(f"ckpt_path=last: {str(path)!r} does not exist (checkpoint.dir is absolute)")
+        runs = _runs_of(root, name)
+        run_dir = max(runs, key=lambda r: r.stat().st_mtime_ns) if runs else _new_run_dir(root, name)
+        return RunPaths(run_dir, path.parent, path)
     if cfg.ckpt_path == "last":
         lasts = [(_checkpoint_dir(cfg, r) / "last.ckpt", r) for r in _runs_of(root, name)]
         lasts = [(p, r) for p, r in lasts if p.is_file()]
