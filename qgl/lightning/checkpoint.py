@@ -60,9 +60,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.serialization.set_crc32_options(crc)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
+# path -> (inode, size, mtime_ns) of a file verified with remember=True, for the one next load.
+_VERIFIED: dict[str, tuple[int, int, int]] = {}
+
+
+def _signature(path: Path) -> tuple[str, tuple[int, int, int]]:
+    st = path.stat()
+    return str(path.resolve()), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def verify_checkpoint(path: str | os.PathLike, *, remember: bool = False) -> None:
     """Raise `CheckpointError` (one line) unless `path` is a complete torch zip checkpoint whose
-    members all match their CRC32 (reads the whole file once)."""
+    members all match their CRC32 (reads the whole file once). `remember`: the next
+    `load_checkpoint(path, reuse_verification=True)` of the unchanged file skips the second read (a
+    resume checks the file before building the model, then Lightning loads it)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
@@ -78,13 +89,19 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: member {bad!r} fails its checksum")
     if not any(n.endswith("/data.pkl") for n in names):
         raise CheckpointError(f"checkpoint {str(path)!r} is a zip file but not a torch checkpoint")
+    if remember:
+        key, sig = _signature(path)
+        _VERIFIED[key] = sig
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
-                    mmap: bool = False) -> dict[str, Any]:
-    """`torch.load(path, weights_only=True)` after `verify_checkpoint`; any failure is a one-line
-    `CheckpointError` (never a suggestion to unpickle arbitrary objects)."""
-    verify_checkpoint(path)
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False,
+                    remember: bool = False, reuse_verification: bool = False) -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)` after `verify_checkpoint(path, remember=remember)`, which
+    `reuse_verification` skips once for a file verified with `remember=True` and unchanged since; any
+    failure is a one-line `CheckpointError` (never a suggestion to unpickle arbitrary objects)."""
+    key, sig = _signature(Path(path)) if reuse_verification and Path(path).is_file() else ("", None)
+    if sig is None or _VERIFIED.pop(key, None) != sig:
+        verify_checkpoint(path, remember=remember)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -127,7 +144,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         if "file" not in get_filesystem(path).protocol or weights_only is False:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        return load_checkpoint(path, map_location=map_location)
+        return load_checkpoint(path, map_location=map_location, reuse_verification=True)
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):

@@ -148,7 +148,7 @@ def check_resume(cfg: RecipeConfig, path: str | os.PathLike) -> list[str]:
     """Compare `cfg` with the recipe stored in checkpoint `path` (which is verified first). Returns
     one warning per changed optimizer/schedule setting; raises `RunSetupError` on a refused change
     and `CheckpointError` on an unusable file."""
-    ckpt = load_checkpoint(path, mmap=True)
+    ckpt = load_checkpoint(path, mmap=True, remember=True)  # Lightning's load then skips the re-read
     saved = ckpt.get(RECIPE_KEY)
     if saved is None:  # not written by `qgl train`: compare what Lightning kept
         hp = ckpt.get("hyper_parameters") or {}
