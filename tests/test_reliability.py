@@ -318,3 +318,20 @@ def test_ckpt_path_last_with_an_absolute_checkpoint_dir(clean_env):
     paths = resolve_run(cfg)
     assert paths.resume_from == shared / "last.ckpt" and paths.checkpoint_dir == shared
     assert paths.run_dir == Path("runs") / "qgl" / "tiny" and not paths.run_dir.exists()
+
+
+def test_resume_reads_the_checksums_once(tmp_path, monkeypatch):
+    """check_resume verifies the file and remembers it; Lightning's load of the unchanged file skips the
+    second read, and only that one load does."""
+    import qgl.lightning.checkpoint as ckpt_mod
+
+    path = tmp_path / "a.ckpt"
+    atomic_torch_save({"global_step": 1, "w": torch.ones(3)}, path)
+    reads = []
+    real = zipfile.ZipFile
+    monkeypatch.setattr(ckpt_mod.zipfile, "ZipFile", lambda *a, **k: reads.append(1) or real(*a, **k))
+    load_checkpoint(path, remember=True)
+    ckpt_mod.AtomicCheckpointIO().load_checkpoint(path)
+    assert len(reads) == 1
+    ckpt_mod.AtomicCheckpointIO().load_checkpoint(path)
+    assert len(reads) == 2
