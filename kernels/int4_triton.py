@@ -1,7 +1,7 @@
 """Triton projection matmuls reading the packed INT4 format (docs/internals.md, "INT4 projection").
 
 The format's own kernels (quantize, dequantize, pack, unpack) are in ``int4_format_triton.py`` and
-re-exported here, where the dispatcher (``_dispatch.pick``, family "int4") looks for them.
+re-exported here (``qgl.kernels`` imports each by name from ``int4_format_triton``).
 
 Same signatures and math as ``int4_ref.py``: ``packed: uint8 [ceil(numel / 2)]`` (byte k = element
 2k in the low nibble, 2k + 1 in the high nibble), fp32 ``scale``/``zero`` per group of
