@@ -32,7 +32,7 @@ from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
-from qgl.optim.update import apply_update, sr_seed
+from qgl.optim.update import apply_update
 from qgl.quant import storage_of
 
 GALORE_DEFAULTS: dict[str, Any] = dict(
@@ -48,9 +48,6 @@ GALORE_DEFAULTS: dict[str, Any] = dict(
     max_gap=None,
     svd_method="full",
 )
-
-
-_sr_seed = sr_seed  # the former name (kept for callers outside qgl)
 
 
 class QGaLoreAdamW(torch.optim.Optimizer):
