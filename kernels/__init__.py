@@ -3,8 +3,8 @@
 Every public function here dispatches per call (``_dispatch.use_triton``): Triton for CUDA tensors
 unless ``QGL_DISABLE_TRITON=1``, the ``*_ref`` reference otherwise. Each imports its Triton function
 by name inside the ``if use_triton(...)`` branch (grep the name to find its one caller), so that
-``import qgl.kernels`` never imports triton: CPU installs may lack it. The INT8 entry points check
-their arguments here, once; the reference and the Triton wrapper they call trust them. The formats are
+``import qgl.kernels`` never imports triton: CPU installs may lack it. The INT8 and INT4 entry points
+check their arguments here, once; the reference and the Triton wrapper they call trust them. The formats are
 those of docs/internals.md: groups of ``group_size`` consecutive elements of the row-major flattening,
 ``n_groups = ceil(numel / group_size)``, fp32 scales and zero points.
 """
@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from ._dispatch import use_triton
+from ._groups import check_float_dtype, check_packed
 from .int4_ref import (
+    check_dequantize_int4,
+    check_int4_projection,
+    check_pack_int4,
+    check_quantize_int4,
     dequantize_int4_ref,
     int4_project_back_ref,
     int4_project_ref,
@@ -115,6 +120,7 @@ def quantize_int4(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Ten
     Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])`` with
     ``p ~= (q - zero) * scale``, q in 0..15, two codes a byte (element 2k in the low nibble).
     """
+    check_quantize_int4(p, group_size)
     if use_triton(p):
         from .int4_format_triton import quantize_int4_triton
 
@@ -134,6 +140,7 @@ def dequantize_int4(
 
     ``packed uint8 [ceil(numel / 2)]``, ``scale``/``zero`` fp32 ``[n_groups]`` -> ``dtype [*shape]``.
     """
+    shape = check_dequantize_int4(packed, scale, zero, shape, group_size, dtype)
     if use_triton(packed):
         from .int4_format_triton import dequantize_int4_triton
 
@@ -143,6 +150,7 @@ def dequantize_int4(
 
 def pack_int4(q: Tensor) -> Tensor:
     """Pack uint8 codes 0..15 (any shape, row-major) two to a byte: -> ``uint8 [ceil(numel / 2)]``."""
+    check_pack_int4(q)
     if use_triton(q):
         from .int4_format_triton import pack_int4_triton
 
@@ -152,6 +160,7 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor, numel: int) -> Tensor:
     """Unpack ``uint8 [ceil(numel / 2)]`` into ``uint8 [numel]`` codes 0..15."""
+    check_packed(packed, numel)
     if use_triton(packed):
         from .int4_format_triton import unpack_int4_triton
 
@@ -167,6 +176,7 @@ def int4_project(
     ``side="right"``: P ``(r, n)``, returns ``g @ P^T`` ``(m, r)``; ``side="left"``: P ``(m, r)``,
     returns ``P^T @ g`` ``(r, n)``.
     """
+    p_shape = check_int4_projection(g, packed, scale, zero, p_shape, group_size, side, back=False)
     if use_triton(g):
         from .int4_triton import int4_project_triton
 
@@ -189,6 +199,8 @@ def int4_project_back(
 
     ``side="right"``: ``low (m, r) @ P (r, n)``; ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
+    check_float_dtype(out_dtype)
+    p_shape = check_int4_projection(low, packed, scale, zero, p_shape, group_size, side, back=True)
     if use_triton(low):
         from .int4_triton import int4_project_back_triton
 
@@ -204,6 +216,7 @@ def int4_dense_basis(
     CPU, the fused kernel, fp16 gradients). ``mm16`` with it gives those functions' results exactly.
     """
     if use_triton(like):
+        p_shape = check_int4_projection(like, packed, scale, zero, p_shape, group_size, None, back=False)
         from .int4_triton import dense_basis_triton
 
         return dense_basis_triton(packed, scale, zero, p_shape, group_size, like)
