@@ -3,8 +3,8 @@
 Every public function here dispatches per call (``_dispatch.use_triton``): Triton for CUDA tensors
 unless ``QGL_DISABLE_TRITON=1``, the ``*_ref`` reference otherwise. Each imports its Triton function
 by name inside the ``if use_triton(...)`` branch (grep the name to find its one caller), so that
-``import qgl.kernels`` never imports triton: CPU installs may lack it. The INT8 and INT4 entry points
-check their arguments here, once; the reference and the Triton wrapper they call trust them. The formats are
+``import qgl.kernels`` never imports triton: CPU installs may lack it. Every entry point checks its
+arguments here, once; the reference and the Triton wrapper they call trust them. The formats are
 those of docs/internals.md: groups of ``group_size`` consecutive elements of the row-major flattening,
 ``n_groups = ceil(numel / group_size)``, fp32 scales and zero points.
 """
@@ -38,7 +38,7 @@ from .int8_ref import (
     int8_update_ref,
     quantize_int8_ref,
 )
-from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
+from .w8a16_ref import check_w8a16, w8a16_grad_input_ref, w8a16_linear_ref
 
 __all__ = [
     "use_triton",
@@ -234,6 +234,7 @@ def w8a16_linear(
     W is dequantized in fp32 and rounded once to ``x.dtype``; the matmul and the result are in
     ``x.dtype`` (``bias`` is cast to it).
     """
+    check_w8a16("x", x, q, scale, zero, group_size, 1)
     if use_triton(x):
         from .w8a16_triton import w8a16_linear_triton
 
@@ -243,6 +244,7 @@ def w8a16_linear(
 
 def w8a16_grad_input(dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
     """``dy @ dequant(W)``: ``dy [..., out]``, ``q int8 [out, in]`` -> ``dy.dtype [..., in]``."""
+    check_w8a16("dy", dy, q, scale, zero, group_size, 0)
     if use_triton(dy):
         from .w8a16_triton import w8a16_grad_input_triton
 
