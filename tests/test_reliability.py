@@ -335,3 +335,18 @@ def test_resume_reads_the_checksums_once(tmp_path, monkeypatch):
     assert len(reads) == 1
     ckpt_mod.AtomicCheckpointIO().load_checkpoint(path)
     assert len(reads) == 2
+
+
+def test_resume_from_the_final_periodic_checkpoint_rewrites_a_stale_last(clean_env, spy_run):
+    """Killed between the final step's periodic save and its last.ckpt: resuming from the periodic one
+    has nothing left to train, and must still leave last.ckpt at the final step."""
+    import shutil
+
+    args = ["train", *FAST, "method=full", "logger.name=s", "checkpoint.every_n_steps=1"]
+    ckdir = clean_env / "runs" / "qgl" / "s" / "checkpoints"
+    assert main([*args, "trainer.max_steps=2"]) == 0
+    shutil.copy(ckdir / "last.ckpt", clean_env / "step2.ckpt")
+    assert main([*args, "trainer.max_steps=3", "ckpt_path=last"]) == 0
+    shutil.copy(clean_env / "step2.ckpt", ckdir / "last.ckpt")  # the kill's leftover: last.ckpt behind
+    assert main([*args, "trainer.max_steps=3", f"ckpt_path={ckdir / 'step000003.ckpt'}"]) == 0
+    assert load_checkpoint(ckdir / "last.ckpt")["global_step"] == 3

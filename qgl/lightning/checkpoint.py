@@ -170,10 +170,35 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # _should_skip_saving_checkpoint is also true when this step was already saved.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        # _should_skip_saving_checkpoint is also true when this step was already saved; but a run
+        # resumed from a periodic checkpoint of its final step (killed before last.ckpt followed it)
+        # has "saved" this step while last.ckpt holds an older one: check the file itself then.
+        if self.save_last and (not self._should_skip_saving_checkpoint(trainer)
+                               or (self._fitting(trainer) and not self._last_is_current(trainer))):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit resumed at its max_steps runs no training loop, hence no on_train_end.
+        if self.save_last and self._fitting(trainer) and not self._last_is_current(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_fit_end(trainer, pl_module)
+
+    @staticmethod
+    def _fitting(trainer: L.Trainer) -> bool:
+        return not trainer.fast_dev_run and trainer.state.fn == "fit" and not trainer.sanity_checking
+
+    def _last_is_current(self, trainer: L.Trainer) -> bool:
+        """Whether `last.ckpt` exists and holds this global step (reads only its pickle, memory-mapped)."""
+        path = self.last_model_path
+        if not path or not os.path.isfile(path):
+            return False
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        except Exception:  # noqa: BLE001 - an unreadable last.ckpt is not current
+            return False
+        return step == trainer.global_step
 
 
 __all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "CheckpointError", "atomic_torch_save",
