@@ -12,6 +12,7 @@ Core (plain PyTorch, no Lightning needed):
 Lightning:
     QGaLoreCallback, SubspaceMonitor, MemoryMonitor   callbacks (qgl.callbacks)
     CausalLMModule                                    LightningModule for causal LMs
+    NonFiniteGuard                                    stop at the first NaN/inf, never checkpoint one
 
 Every name is imported on first use, so that `import qgl` (and the `qgl` command's `--help` and
 `recipes`) loads no torch.
@@ -30,6 +31,7 @@ _LAZY = {
     "QGaLoreCallback": "qgl.callbacks",
     "SubspaceMonitor": "qgl.callbacks",
     "MemoryMonitor": "qgl.callbacks",
+    "NonFiniteGuard": "qgl.callbacks",
     "CausalLMModule": "qgl.lightning",
 }
 
