@@ -106,6 +106,8 @@ def _chain(tmp_path: Path, trials: int, steps: int) -> None:
         for trial in range(trials):
             ckpts = _checkpoints(run_dir / "checkpoints") if run_dir.exists() else {}
             resume = [f"ckpt_path={max(ckpts, key=ckpts.get)}"] if ckpts else []
+            if not ckpts and run_dir.exists():  # killed before its first checkpoint: start it over
+                shutil.rmtree(run_dir)  # (else the new run would go to fi-1, beside the checked dir)
             log = tmp_path / f"trial{trial}.txt"
             logs.append(log)
             in_save = trial % 2 == 1
@@ -133,6 +135,8 @@ def _chain(tmp_path: Path, trials: int, steps: int) -> None:
         # Finish the run from the newest checkpoint; every logged step of every trial is the reference's.
         ckpts = _checkpoints(run_dir / "checkpoints") if run_dir.exists() else {}
         resume = [f"ckpt_path={max(ckpts, key=ckpts.get)}"] if ckpts else []
+        if not ckpts and run_dir.exists():
+            shutil.rmtree(run_dir)
         logs.append(tmp_path / "final.txt")
         server.start([*args, *resume], logs[-1])
         assert server.status() == 0
@@ -143,6 +147,7 @@ def _chain(tmp_path: Path, trials: int, steps: int) -> None:
                 assert value == reference[step], f"{log.name}: step {step} {value} != {reference[step]} {why}"
                 resumed += 1
         assert resumed >= steps, why
+        assert sorted(p.name for p in run_dir.parent.iterdir()) == ["fi", "reference"], why
     finally:
         server.close()
 
