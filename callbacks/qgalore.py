@@ -54,7 +54,8 @@ class QGaLoreCallback(Callback):
         proj_quant: store the projections in INT4. proj_group_size: their group size.
         adaptive: lengthen a layer's gap while its subspace stays put (`cos_threshold`,
             `gamma_proj`, `queue_size`, capped by `max_gap`; see `qgl.optim.refresh`).
-        svd_method: "full" or "randomized".
+        svd_method: "randomized" (warm-started from the previous P after the first refresh) or
+            "full" (exact; `qgl.optim.svd` compares them).
         optim_bits: 8 or 32-bit Adam moments; tensors under `min_8bit_size` elements keep fp32.
         layerwise: update each parameter in backward and free its gradient at once.
         layerwise_clip_norm: per-parameter gradient clipping under `layerwise` (global clipping
@@ -82,7 +83,7 @@ class QGaLoreCallback(Callback):
                  symmetric: bool = True, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_quant: bool = True, proj_group_size: int = 256, adaptive: bool = True,
                  cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
-                 max_gap: int | None = None, svd_method: str = "full", optim_bits: int = 8,
+                 max_gap: int | None = None, svd_method: str = "randomized", optim_bits: int = 8,
                  min_8bit_size: int = 4096, layerwise: bool = True, layerwise_clip_norm: float | None = None,
                  seed: int = 0, subspace_monitor: bool = True, offload: bool | str | None = None) -> None:
         self.config: dict[str, Any] = dict(

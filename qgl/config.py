@@ -74,7 +74,7 @@ class QGaLoreConfig:
     gamma_proj: float = _f(2.0, "factor applied to a stable layer's gap")
     queue_size: int = _f(5, "cosine similarities averaged before deciding")
     max_gap: int | None = _f(None, "cap on a layer's gap (null: none)")
-    svd_method: str = _f("full", "how projections are computed")
+    svd_method: str = _f("randomized", "how projections are computed: randomized (warm-started) or full")
     optim_bits: int = _f(8, "bits of the Adam moments (8 or 32)")
     min_8bit_size: int = _f(4096, "tensors smaller than this keep 32-bit moments")
     layerwise: bool = _f(True, "update each layer during backward (no full gradient in memory)")

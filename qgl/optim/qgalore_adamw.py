@@ -41,7 +41,7 @@ GALORE_DEFAULTS: dict[str, Any] = dict(
     gamma_proj=2.0,
     queue_size=5,
     max_gap=None,
-    svd_method="full",
+    svd_method="randomized",  # warm-started after the first refresh; accuracy: qgl/optim/svd.py
     refresh_metric="leading",
 )
 

@@ -67,7 +67,7 @@ class PlanSettings:
     symmetric: bool = True
     proj_quant: bool = True
     proj_group_size: int = 256
-    svd_method: str = "full"
+    svd_method: str = "randomized"
     optim_bits: int = 8
     min_8bit_size: int = 4096
     fused_8bit: bool = True
