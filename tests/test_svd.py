@@ -224,3 +224,19 @@ def test_init_of_the_wrong_shape_is_an_error():
     g = torch.randn(20, 10)
     with pytest.raises(ValueError, match=r"init of shape \(3, 20\) does not fit a right basis"):
         top_singular_vectors(g, 3, "right", "randomized", init=torch.randn(3, 20))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_randomized_of_a_gradient_of_lower_rank_than_asked(side):
+    # LLaMA-7B at batch 1 x 256 tokens: a gradient of rank <= 256 under a rank-1024 projection.
+    g = torch.randn(200, 5) @ torch.randn(5, 100)
+    cold = top_singular_vectors(g, 16, side, "randomized", generator=torch.Generator().manual_seed(0))
+    warm = top_singular_vectors(g, 16, side, "randomized", generator=torch.Generator().manual_seed(1),
+                                init=cold)
+    for p in (cold, warm):
+        rows = p if side == "right" else p.T
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(rows @ rows.T, torch.eye(16), atol=1e-5, rtol=0)
+        full = top_singular_vectors(g, 5, side, "full")
+        full_rows = full if side == "right" else full.T
+        assert _overlap(full_rows, rows[:5]) > 0.9999  # the 5 real directions come first
