@@ -39,7 +39,7 @@ def test_sides_and_shapes(shape, side, basis_shape, low_shape, quantize):
 @pytest.mark.parametrize("rank", [1, 5, 32])
 def test_fp32_round_trip_is_the_rank_r_svd_reconstruction(shape, rank):
     g = torch.randn(shape)
-    proj = GaLoreProjector(shape, rank=rank, scale=0.25, quantize=False)
+    proj = GaLoreProjector(shape, rank=rank, scale=0.25, quantize=False, svd_method="full")
     proj.maybe_refresh(g, 0)
     back = proj.project_back(proj.project(g))
     torch.testing.assert_close(back, 0.25 * _rank_r_reconstruction(g, rank), atol=2e-5, rtol=1e-4)
@@ -98,7 +98,7 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     accumulation (the INT4 path's and GaLore's numerics, at tensor-core speed); its leading vector
     stays fp32. The basis of an fp32 gradient stays fp32 and its products too."""
     g = torch.randn(shape).bfloat16()
-    proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5, svd_method="full")
     proj.maybe_refresh(g, 0)
     assert proj.tensors()["proj"].dtype == torch.bfloat16 and proj.tensors()["lead"].dtype == torch.float32
     exact_basis = top_singular_vectors(g, 4, proj.side, "full")
@@ -112,7 +112,7 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     low16 = (low * -1.0).bfloat16().float()  # scale 0.5 x factor -2, then the operand rounding
     want = (low16 @ p16 if right else p16 @ low16).bfloat16()
     assert back.dtype == torch.bfloat16 and torch.equal(back, want)
-    fp32 = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    fp32 = GaLoreProjector(shape, 4, quantize=False, scale=0.5, svd_method="full")
     fp32.maybe_refresh(g.float(), 0)  # an fp32 gradient: P stays fp32, unrounded
     assert fp32.tensors()["proj"].dtype == torch.float32
     exact = fp32.project(g.float())
@@ -248,7 +248,7 @@ def test_bad_input():
         GaLoreProjector((4, 5, 6), 2)
     with pytest.raises(ValueError, match="2-D"):
         GaLoreProjector((64,), 2)
-    with pytest.raises(ValueError, match=r"unknown svd method 'lanczos'.*full.*randomized"):
+    with pytest.raises(ValueError, match=r"unknown svd.method 'lanczos'.*full.*randomized"):
         GaLoreProjector((64, 32), 4, svd_method="lanczos")
     proj = GaLoreProjector((64, 32), 4)
     with pytest.raises(RuntimeError, match="maybe_refresh"):
@@ -306,7 +306,7 @@ def test_decoded_changes_nothing_where_the_kernels_do_not_decode():
 # -- SVD failure: fallback to the previous P (or a random one at the first refresh) --------------
 
 def test_svd_failure_keeps_the_previous_basis_and_warns_naming_the_layer():
-    proj = GaLoreProjector((64, 32), 4, quantize=True, name="layers.3.mlp.up",
+    proj = GaLoreProjector((64, 32), 4, quantize=True, name="layers.3.mlp.up", svd_method="full",
                            refresh=AdaptiveRefresh(update_proj_gap=5))
     g = torch.randn(64, 32)
     assert proj.maybe_refresh(g, 0)
@@ -342,7 +342,7 @@ def test_svd_failure_at_the_first_refresh_takes_a_random_orthonormal_basis(monke
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
-    proj = GaLoreProjector((32, 64), 4, quantize=False, name="attn.q", seed=1,
+    proj = GaLoreProjector((32, 64), 4, quantize=False, name="attn.q", seed=1, svd_method="full",
                            refresh=AdaptiveRefresh(update_proj_gap=50))
     g = torch.randn(32, 64)
     with monkeypatch.context() as mp:
@@ -395,7 +395,7 @@ def test_randomized_refreshes_warm_start_from_the_stored_basis(monkeypatch):
 
 @pytest.mark.parametrize("quantize", [True, False])
 def test_subspace_metric_reads_one_for_an_unchanged_subspace_even_in_int4(quantize):
-    proj = GaLoreProjector((64, 32), 6, quantize=quantize,
+    proj = GaLoreProjector((64, 32), 6, quantize=quantize, svd_method="full",
                            refresh=AdaptiveRefresh(update_proj_gap=1, metric="subspace"))
     g = torch.randn(64, 32)
     proj.maybe_refresh(g, 0)

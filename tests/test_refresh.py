@@ -102,7 +102,7 @@ def test_state_dict_round_trip_continues_identically():
     ({"gamma_proj": 0.5}, "gamma_proj"),
     ({"queue_size": 0}, "queue_size"),
     ({"update_proj_gap": 10, "max_gap": 5}, "max_gap"),
-    ({"metric": "angle"}, r"unknown refresh metric 'angle'.*leading.*subspace"),
+    ({"metric": "angle"}, r"unknown refresh_metric 'angle'.*leading, subspace"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

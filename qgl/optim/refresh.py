@@ -43,7 +43,10 @@ from __future__ import annotations
 import math
 from collections import deque
 
-REFRESH_METRICS = ("leading", "subspace")
+from qgl.optim.settings import GALORE as _G
+from qgl.optim.settings import REFRESH_METRICS, GaLoreSettings
+
+__all__ = ["REFRESH_METRICS", "AdaptiveRefresh"]
 
 
 class AdaptiveRefresh:
@@ -54,23 +57,15 @@ class AdaptiveRefresh:
     `next_refresh`, `frozen`, `svd_failures`.
     """
 
-    def __init__(self, update_proj_gap: int = 200, adaptive: bool = True, cos_threshold: float = 0.4,
-                 gamma_proj: float = 2.0, queue_size: int = 5, max_gap: int | None = None,
-                 frozen_gap: int | None = None, metric: str = "leading") -> None:
-        if int(update_proj_gap) != update_proj_gap or update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap must be an integer >= 1, got {update_proj_gap}")
-        if not 0.0 <= cos_threshold <= 1.0:
-            raise ValueError(f"cos_threshold must be in [0, 1], got {cos_threshold}")
-        if not gamma_proj >= 1.0:
-            raise ValueError(f"gamma_proj must be >= 1, got {gamma_proj}")
-        if int(queue_size) != queue_size or queue_size < 1:
-            raise ValueError(f"queue_size must be an integer >= 1, got {queue_size}")
-        if max_gap is not None and max_gap < update_proj_gap:
-            raise ValueError(f"max_gap ({max_gap}) must be >= update_proj_gap ({update_proj_gap})")
+    def __init__(self, update_proj_gap: int = _G["update_proj_gap"], adaptive: bool = _G["adaptive"],
+                 cos_threshold: float = _G["cos_threshold"], gamma_proj: float = _G["gamma_proj"],
+                 queue_size: int = _G["queue_size"], max_gap: int | None = _G["max_gap"],
+                 frozen_gap: int | None = None, metric: str = _G["refresh_metric"]) -> None:
+        # Ranges and their combination: GaLoreSettings' (the other fields at their defaults).
+        GaLoreSettings(update_proj_gap=update_proj_gap, adaptive=adaptive, cos_threshold=cos_threshold,
+                       gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap, refresh_metric=metric)
         if frozen_gap is not None and frozen_gap < 1:
             raise ValueError(f"frozen_gap must be >= 1, got {frozen_gap}")
-        if metric not in REFRESH_METRICS:
-            raise ValueError(f"unknown refresh metric {metric!r}; choose one of {REFRESH_METRICS}")
         self.update_proj_gap = int(update_proj_gap)
         self.adaptive = bool(adaptive)
         self.cos_threshold = float(cos_threshold)

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SVD_METHODS = ("full", "randomized")
+from qgl.optim.settings import SVD_METHODS  # defined once, with the other choices
+
 SIDES = ("right", "left")
 OVERSAMPLE = 8  # extra sketch columns of the randomized method
 POWER_ITERS = 2  # subspace iterations from a Gaussian sketch
