@@ -25,12 +25,13 @@ from lightning.pytorch.core.optimizer import (
     _validate_optimizers_attached,
     _validate_scheduler_api,
 )
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
 
+from qgl.callbacks.distributed import DistributedQGaLore, check_strategy, prepare_ddp
 from qgl.optim import QGaLoreAdamW, make_param_groups
 
 # Settings that shape the model or the optimizer state: a checkpoint made with other values cannot resume.
@@ -63,6 +64,9 @@ class QGaLoreCallback(Callback):
         offload: optimizer states in host memory between updates: None/False (off), True or "cpu"
             (pinned, prefetched), "paged" (bitsandbytes unified memory); see `qgl.optim.offload`.
         subspace_monitor: add a `SubspaceMonitor` if the trainer has none.
+        shard_state: under DDP, each parameter's optimizer state (moments, projector) lives on one
+            owner rank, which updates it and broadcasts the new weight (`qgl.optim.distributed`);
+            False: all-reduce, every rank holds every state.
 
     From the module's optimizer the callback keeps lr, betas (when it has them), eps and
     weight_decay; weight decay then applies to matrices only, not to biases and norms
@@ -71,10 +75,11 @@ class QGaLoreCallback(Callback):
     state stays empty and its memory is its param-group dicts only; its lr is copied into
     QGaLoreAdamW at every `on_train_batch_start`, i.e. the lr the next update uses.
 
-    Refused, with a ValueError saying what to change: more than one device or a strategy other
-    than single-device (not supported yet); with `layerwise`, `gradient_clip_val`, precision
-    "16-mixed" (GradScaler cannot unscale gradients the hooks consumed; use "bf16-mixed") and
-    manual optimization.
+    Runs on one device or under DDP (`Trainer(strategy="ddp", devices=N)`: gradients averaged per
+    parameter in backward, see `qgl.callbacks.distributed`). Refused, with a ValueError saying
+    what to change: FSDP, FSDP2 and other strategies, DDP without `layerwise`; with `layerwise`,
+    `gradient_clip_val`, precision "16-mixed" (GradScaler cannot unscale gradients the hooks
+    consumed; use "bf16-mixed") and manual optimization.
     """
 
     def __init__(self, rank: int = 256, target_modules: Sequence[str] = ("attn", "mlp"),
@@ -84,7 +89,8 @@ class QGaLoreCallback(Callback):
                  cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
                  max_gap: int | None = None, svd_method: str = "full", optim_bits: int = 8,
                  min_8bit_size: int = 4096, layerwise: bool = True, layerwise_clip_norm: float | None = None,
-                 seed: int = 0, subspace_monitor: bool = True, offload: bool | str | None = None) -> None:
+                 seed: int = 0, subspace_monitor: bool = True, offload: bool | str | None = None,
+                 shard_state: bool = True) -> None:
         self.config: dict[str, Any] = dict(
             rank=rank, target_modules=tuple(target_modules), exclude=tuple(exclude),
             quantize_weights=quantize_weights, group_size=group_size, symmetric=symmetric,
@@ -93,7 +99,7 @@ class QGaLoreCallback(Callback):
             adaptive=adaptive, cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size,
             max_gap=max_gap, svd_method=svd_method, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
             layerwise=layerwise, layerwise_clip_norm=layerwise_clip_norm, seed=seed,
-            subspace_monitor=subspace_monitor, offload=offload)
+            subspace_monitor=subspace_monitor, offload=offload, shard_state=shard_state)
         self.optimizer: QGaLoreAdamW | None = None
         self.user_optimizer: Optimizer | None = None
         self._scheduler_configs: list[LRSchedulerConfig] = []
@@ -118,12 +124,14 @@ class QGaLoreCallback(Callback):
         if stage == "fit":
             _wrap(pl_module, "configure_optimizers",
                   lambda user: self._configure_optimizers(pl_module, user()))
+        if isinstance(trainer.strategy, DDPStrategy):  # distributed: keep DDP off qgl's tensors
+            prepare_ddp(trainer, pl_module)
+            if stage == "fit" and not any(isinstance(cb, DistributedQGaLore) for cb in trainer.callbacks):
+                trainer.callbacks.append(DistributedQGaLore(shard=self.config["shard_state"]))
 
     def _check_combination(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
-            raise ValueError(f"QGaLoreCallback runs on one device for now; strategy "
-                             f"{type(trainer.strategy).__name__} on {trainer.world_size} processes is not "
-                             "supported yet: use Trainer(devices=1) with the default strategy")
+        # distributed (qgl/callbacks/distributed.py): single device or DDP; others refused there.
+        self._ddp = check_strategy(trainer, self.config)
         if not self.config["layerwise"]:
             return
         if trainer.gradient_clip_val:

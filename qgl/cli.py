@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import typing
@@ -153,8 +154,10 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     except RecipeError as e:
         print(f"qgl: error: {e}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
-    print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
-    print(to_yaml(cfg), end="", flush=True)
+    # distributed: Lightning's DDP launcher re-runs this command on the other ranks; rank 0 prints.
+    if all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
+        print(to_yaml(cfg), end="", flush=True)
     if dry_run:
         return 0
     from qgl.lightning.run import run

@@ -81,6 +81,8 @@ class QGaLoreConfig:
     layerwise_clip_norm: float | None = _f(None, "per-layer gradient clipping when layerwise")
     offload: str | None = _f(None, "optimizer states in host memory between layer updates: null (off), "
                              "cpu (pinned, prefetched), paged (bitsandbytes unified memory, CUDA)")
+    shard_state: bool = _f(True, "under ddp: each matrix's optimizer state on one owner rank, which updates "
+                           "it and broadcasts the weight (false: all-reduce, full state on every rank)")
 
 
 @dataclass
@@ -107,7 +109,9 @@ class TrainerConfig:
     max_steps: int = _f(200, "optimizer steps to train")
     precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true ...")
     accelerator: str = _f("auto", "cpu, gpu, auto")
-    devices: int = _f(1, "devices (GPUs) to use")
+    devices: int | str = _f(1, "devices (GPUs) per node: a number, or auto")
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp (qgalore/galore: state sharded by matrix) ...")
+    num_nodes: int = _f(1, "machines (each with `devices` devices)")
     log_every_n_steps: int = _f(10, "steps between logged metrics")
     val_check_interval: int | None = _f(None, "steps between validations (null: once, at the end)")
     limit_val_batches: int | None = _f(None, "validation batches per check (null: all)")
@@ -285,7 +289,17 @@ def _check_choice(value: Any, choices: tuple, key: str, where: str) -> None:
 def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
     """Combinations QGaLoreCallback refuses at set-up, reported before anything is built."""
     t, q = cfg.trainer, cfg.qgalore
-    problems = {"trainer.devices": (t.devices != 1, f"qgalore runs on 1 device for now, got {t.devices}")}
+    # distributed: one device or DDP (qgl/callbacks/distributed.py says why FSDP is refused).
+    problems = {"trainer.strategy": (
+        t.strategy.split("_")[0] not in ("auto", "ddp", "single"),
+        f"{cfg.method} runs on one device or under strategy=ddp (state sharded by matrix), not "
+        f"{t.strategy!r}: FSDP would shard the whole matrices a (Q-)GaLore update needs")}
+    problems["trainer.devices"] = (
+        isinstance(t.devices, str) and t.devices != "auto" and not t.devices.isdigit(),
+        f"devices must be a number or auto, got {t.devices!r}")
+    problems["qgalore.layerwise"] = (
+        t.strategy.startswith("ddp") and not q.layerwise,
+        "strategy=ddp needs qgalore.layerwise=true (gradients reduced per layer)")
     if q.layerwise:
         problems["trainer.gradient_clip_val"] = (
             t.gradient_clip_val is not None,

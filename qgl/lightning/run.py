@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.profilers import AdvancedProfiler, Profiler, PyTorchProfiler, SimpleProfiler
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -200,7 +201,8 @@ def _trainer(cfg: RecipeConfig, callbacks: list[Callback], logger: Logger, run_d
     t = cfg.trainer
     every = (t.val_check_interval or t.max_steps) * t.accumulate_grad_batches  # Lightning counts batches
     return L.Trainer(max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator,
-                     devices=t.devices, log_every_n_steps=t.log_every_n_steps, val_check_interval=every,
+                     devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+                     log_every_n_steps=t.log_every_n_steps, val_check_interval=every,
                      check_val_every_n_epoch=None,
                      limit_val_batches=1.0 if t.limit_val_batches is None else t.limit_val_batches,
                      gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
@@ -217,8 +219,10 @@ def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     dm = _data_module(cfg)
     module = _module(cfg, dm.vocab_size)
     logger, run_dir = build_logger(cfg)
-    console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
-    if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
+    rank_zero = rank_zero_only.rank == 0  # distributed: Lightning's launcher re-runs this on every rank
+    if rank_zero:
+        console.print(f"[bold]run directory:[/bold] {run_dir}", soft_wrap=True)
+    if rank_zero and os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
         console.print(f"W&B runs offline: upload later with `wandb sync {run_dir}`", soft_wrap=True)
     failed = True
     try:
@@ -233,7 +237,8 @@ def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         failed = False
     finally:
         _finish(logger, failed)
-    _print_summary(console, summary)
+    if trainer.is_global_zero:  # distributed: one summary, from rank 0
+        _print_summary(console, summary)
     return summary
 
 
