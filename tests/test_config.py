@@ -60,7 +60,10 @@ BAD = {
     "non-positive": (None, ["trainer.max_steps=0"], ["tiny.yaml", "key 'trainer.max_steps'", ">= 1"]),
     "qgalore + clip": (None, ["trainer.gradient_clip_val=1.0"],
                        ["key 'trainer.gradient_clip_val'", "layerwise_clip_norm"]),
-    "qgalore + 2 devices": (None, ["trainer.devices=2"], ["key 'trainer.devices'", "1 device"]),
+    "qgalore + fsdp": (None, ["trainer.strategy=fsdp"], ["key 'trainer.strategy'", "strategy=ddp"]),
+    "qgalore + ddp, not layerwise": (None, ["trainer.strategy=ddp", "qgalore.layerwise=false"],
+                                     ["key 'qgalore.layerwise'", "layerwise=true"]),
+    "bad devices": (None, ["trainer.devices=many"], ["key 'trainer.devices'", "number or auto"]),
 }
 
 

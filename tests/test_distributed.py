@@ -1,0 +1,142 @@
+"""Q-GaLore and GaLore under Lightning DDP on CPU (gloo, 2 processes), against one process.
+
+The reference is one process over the same global batch: `accumulate_grad_batches=2`, micro-batch r
+holding what rank r reads (tests/_ddp_script.py). Lightning scales each micro-batch's loss by 1/2,
+DDP-qgl divides each rank's gradient by 2 before the sum: both are exact (a power of two), and the
+sum of two floats does not depend on their order, so the averaged gradients, hence every update
+(SVDs, 8-bit moments, stochastic rounding: seeded by parameter and step) are the same bits, and the
+test asserts equality, not a tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qgl.callbacks import QGaLoreCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "_ddp_script.py"
+
+
+def launch(out: Path, *args: str, timeout: int = 240) -> list[dict]:
+    """Run the script (Lightning re-launches it on rank 1), return each rank's record."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=env, cwd=out.parent,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(out.glob("rank*.pt"))
+    return [torch.load(f, weights_only=True) for f in files]
+
+
+def assert_same_run(ref: dict, ranks: list[dict]) -> None:
+    """Rank r's loss at step k is the reference's micro-batch 2k + r; every weight equal, on every rank."""
+    world = len(ranks)
+    for r, rec in enumerate(ranks):
+        assert rec["losses"] == ref["losses"][r::world], (r, rec["losses"], ref["losses"])
+        for key, value in ref["state_dict"].items():
+            assert torch.equal(rec["state_dict"][key], value), (r, key)
+
+
+def state_bytes(rec: dict) -> int:
+    return sum(rec["state_nbytes"].values())
+
+
+@pytest.mark.parametrize("method", ["qgalore", pytest.param("galore", marks=pytest.mark.slow)])
+def test_ddp_equals_one_process_and_shards_state(method, tmp_path):
+    [ref] = launch(tmp_path / "ref", "--method", method, "--devices", "1", "--accumulate", "2")
+    ranks = launch(tmp_path / "ddp", "--method", method, "--devices", "2", "--strategy", "ddp")
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert_same_run(ref, ranks)
+    if method == "qgalore":  # the INT8 codes and scales were among the weights compared
+        assert any(k.endswith("weight_int8") for k in ref["state_dict"])
+    # Sharded by matrix: the parameters' states split between the ranks, ~half the bytes each.
+    total = state_bytes(ref)
+    assert sum(state_bytes(r) for r in ranks) == total
+    assert sum(r["owned"] for r in ranks) == ref["owned"]
+    for r in ranks:
+        assert 0.4 * total <= state_bytes(r) <= 0.6 * total, (state_bytes(r), total)
+    # The SVDs ran on the owners; the statistics gathered from them are the one-process ones.
+    assert ranks[0]["subspace"] == ranks[1]["subspace"] == ref["subspace"]
+
+
+@pytest.mark.slow
+def test_ddp_all_reduce_without_sharding_equals_one_process(tmp_path):
+    [ref] = launch(tmp_path / "ref", "--devices", "1", "--accumulate", "2")
+    ranks = launch(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp", "--no-shard")
+    assert_same_run(ref, ranks)
+    assert [state_bytes(r) for r in ranks] == [state_bytes(ref)] * 2  # every rank holds every state
+
+
+@pytest.mark.slow
+def test_resume_two_processes_and_on_one(tmp_path):
+    common = ["--batches", "2", "--steps", "4"]
+    whole = launch(tmp_path / "whole", *common, "--devices", "2", "--strategy", "ddp",
+                   "--ckpt-dir", str(tmp_path / "ckpt"))
+    ckpt = tmp_path / "ckpt" / "epoch0.ckpt"  # after step 2 of 4
+    saved = torch.load(ckpt, weights_only=True)
+    [opt] = saved["optimizer_states"]
+    assert len(opt["state"]) == whole[0]["owned"] + whole[1]["owned"]  # every owner's state, gathered
+    resumed = launch(tmp_path / "resumed", *common, "--devices", "2", "--strategy", "ddp",
+                     "--resume", str(ckpt))
+    for a, b in zip(whole, resumed, strict=True):
+        assert b["losses"] == a["losses"][2:]
+        for key, value in a["state_dict"].items():
+            assert torch.equal(b["state_dict"][key], value), key
+    # On one process over the same global batches (2 micro-batches a step): the same run.
+    [one] = launch(tmp_path / "one", *common, "--devices", "1", "--accumulate", "2", "--resume", str(ckpt))
+    assert one["losses"] == [x for pair in zip(whole[0]["losses"][2:], whole[1]["losses"][2:], strict=True)
+                             for x in pair]
+    for key, value in whole[0]["state_dict"].items():
+        assert torch.equal(one["state_dict"][key], value), key
+
+
+def _fake_trainer(strategy) -> SimpleNamespace:
+    return SimpleNamespace(strategy=strategy, world_size=2, callbacks=[])
+
+
+@pytest.mark.parametrize("galore", [False, True], ids=["qgalore", "galore"])
+def test_fsdp_and_fsdp2_are_refused_naming_ddp(galore):
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from test_callbacks import ToyRegressor
+
+    from qgl.callbacks.methods import GALORE
+
+    kwargs = GALORE if galore else {}
+    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+        name = type(strategy).__name__
+        with pytest.raises(ValueError, match=f"does not run under {name}.*strategy='ddp'"):
+            QGaLoreCallback(**kwargs).setup(_fake_trainer(strategy), ToyRegressor(), "fit")
+
+
+def test_ddp_without_layerwise_is_refused():
+    from lightning.pytorch.strategies import DDPStrategy
+    from test_callbacks import ToyRegressor
+
+    with pytest.raises(ValueError, match="under DDP needs layerwise=True"):
+        QGaLoreCallback(layerwise=False).setup(_fake_trainer(DDPStrategy()), ToyRegressor(), "fit")
+
+
+@pytest.mark.slow
+def test_qgl_train_ddp_two_processes_prints_one_summary(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QGL_CACHE": os.environ.get("QGL_CACHE")
+           or str(Path.home() / ".cache" / "qgl")}
+    args = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.max_steps=6",
+            "data.batch_size=4", "data.block_size=64", "trainer.limit_val_batches=2",
+            "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "logger.wandb=false",
+            "qgalore.update_proj_gap=2"]
+    proc = subprocess.run([sys.executable, "-m", "qgl", "train", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("qgl run summary (qgalore, 6 steps") == 1, proc.stdout
+    assert proc.stdout.count("# recipe:") == 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "runs" / "qgl" / "tiny" / "subspace_heatmap.png").exists()
