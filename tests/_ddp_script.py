@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from qgl.callbacks import QGaLoreCallback
 from qgl.callbacks.methods import GALORE
@@ -40,6 +40,33 @@ def data(batches: int, world: int, local_batch: int, reorder: bool) -> TensorDat
                  for j in range(local_batch)]
         tokens = tokens[order]
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+class ResumeSampler(Sampler):
+    """The data in order, rank r taking every `world`-th sample (DistributedSampler without shuffle),
+    from the first sample of the trainer's next global step: a resumed run (on any number of processes
+    with the same global batch) continues where the checkpoint stopped."""
+
+    def __init__(self, n: int, world: int, rank: int, global_batch: int) -> None:
+        self.n, self.world, self.rank, self.global_batch = n, world, rank, global_batch
+        self.trainer: L.Trainer | None = None
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        start = (self.trainer.global_step * self.global_batch) % self.n if self.trainer is not None else 0
+        return iter(range(start + self.rank, self.n, self.world))
+
+
+class Positioned(DataLoader):
+    """Tells Lightning that a mid-epoch resume is supported (the sampler finds the position)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 class Record(L.Callback):
@@ -69,7 +96,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="global batches per epoch")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-shard", action="store_true")
-    ap.add_argument("--ckpt-dir", default=None, help="save a checkpoint at every epoch end there")
+    ap.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps there")
     ap.add_argument("--resume", default=None)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
@@ -87,18 +114,18 @@ def main() -> None:
                                             "subspace_monitor": False, "shard_state": not args.no_shard,
                                             **extra}))
     if args.ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="epoch{epoch}", every_n_epochs=1,
-                                         save_top_k=-1, save_on_train_epoch_end=True))
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="step{step}", every_n_train_steps=2,
+                                         auto_insert_metric_name=False, save_top_k=-1))
     dataset = data(args.batches, args.world, args.local_batch, args.devices == 1 and args.world > 1)
-    # In data order (Lightning's own distributed sampler of a training set shuffles).
-    rank = int(os.environ.get("LOCAL_RANK", 0))
-    sampler = DistributedSampler(dataset, args.devices, rank, shuffle=False) if args.devices > 1 else None
-    loader = DataLoader(dataset, batch_size=args.local_batch, sampler=sampler, shuffle=False)
+    sampler = ResumeSampler(len(dataset), args.devices, int(os.environ.get("LOCAL_RANK", 0)),
+                            args.world * args.local_batch)
+    loader = Positioned(dataset, batch_size=args.local_batch, sampler=sampler, shuffle=False)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=args.steps,
                         accumulate_grad_batches=args.accumulate, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
                         enable_checkpointing=bool(args.ckpt_dir),
                         callbacks=callbacks, num_sanity_val_steps=0)
+    sampler.trainer = trainer
     trainer.fit(module, train_dataloaders=loader, ckpt_path=args.resume)
     optimizer = trainer.optimizers[0]
     nbytes = optimizer.state_nbytes() if hasattr(optimizer, "state_nbytes") else {}

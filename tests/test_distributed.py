@@ -78,10 +78,10 @@ def test_ddp_all_reduce_without_sharding_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_resume_two_processes_and_on_one(tmp_path):
-    common = ["--batches", "2", "--steps", "4"]
+    common = ["--batches", "4", "--steps", "4"]
     whole = launch(tmp_path / "whole", *common, "--devices", "2", "--strategy", "ddp",
                    "--ckpt-dir", str(tmp_path / "ckpt"))
-    ckpt = tmp_path / "ckpt" / "epoch0.ckpt"  # after step 2 of 4
+    ckpt = tmp_path / "ckpt" / "step2.ckpt"  # mid-epoch
     saved = torch.load(ckpt, weights_only=True)
     [opt] = saved["optimizer_states"]
     assert len(opt["state"]) == whole[0]["owned"] + whole[1]["owned"]  # every owner's state, gathered
