@@ -140,3 +140,32 @@ def test_qgl_train_ddp_two_processes_prints_one_summary(tmp_path):
     assert proc.stdout.count("# recipe:") == 1
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "runs" / "qgl" / "tiny" / "subspace_heatmap.png").exists()
+
+
+def test_data_position_resumes_on_another_world_size(tmp_path):
+    from test_data import keys, make_dm, words
+
+    f = tmp_path / "w.txt"
+    f.write_text(words(600))
+
+    def ranks(world: int, state: dict | None = None) -> list:
+        dms = []
+        for r in range(world):
+            dm = make_dm(f)
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=r)
+            if state is not None:
+                dm.load_state_dict(state)
+            dms.append(dm)
+        return dms
+
+    # Two ranks read 2 batches each (16 samples); one process resumes after those 16 samples of the
+    # epoch's permutation, which is the same for any world size.
+    seen = {k for dm in ranks(2) for b, _ in zip(dm.train_dataloader(), range(2), strict=False)
+            for k in keys(b)}
+    fresh = [k for b in ranks(1)[0].train_dataloader() for k in keys(b)]
+    state = {**make_dm(f).state_dict(), "epoch": 0, "batches_seen": 2, "world_size": 2}
+    [one] = ranks(1, state)
+    assert seen == set(fresh[:16])
+    assert [k for b in one.train_dataloader() for k in keys(b)] == fresh[16:]
+    with pytest.raises(ValueError, match="2-process run on 4 processes.*resume on 2 processes"):
+        ranks(4, {**state, "batches_seen": 1})[0].train_dataloader()
