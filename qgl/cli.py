@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("args", nargs="*", metavar="RECIPE|key=value",
                       help="an optional recipe (path or bundled name) first, then key=value overrides")
     plan.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory budget, e.g. 16GiB, 80GB, 12000MiB")
+    plan.add_argument("--devices", type=int, metavar="N", default=None,
+                      help="GPUs under DDP (default: the recipe's trainer.devices x num_nodes); the plan "
+                           "is per GPU, with the optimizer state sharded by matrix (qgalore.shard_state)")
     return parser
 
 
@@ -178,7 +181,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:
+def cmd_plan(args: Sequence[str], gpu_mem: str | None = None, devices: int | None = None) -> int:
     """Print the recipe's memory plan (and, with a budget, what fits); exit 2 on a bad recipe or size."""
     from qgl.plan import PlanError, plan_memory
 
@@ -186,7 +189,8 @@ def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:
     try:
         budget = None if gpu_mem is None else parse_size(gpu_mem)
         # The plan does not read the data: a recipe's required data.source need not be given.
-        plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]))
+        changes = {} if devices is None else {"devices": devices}
+        plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]), **changes)
     except (RecipeError, PlanError, ValueError) as e:
         print(f"qgl: error: {e}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
@@ -209,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "recipes":
         return cmd_recipes()
     if ns.command == "plan":
-        return cmd_plan([*ns.args, *extra], ns.gpu_mem)
+        return cmd_plan([*ns.args, *extra], ns.gpu_mem, ns.devices)
     return cmd_train([*ns.args, *extra], dry_run=ns.dry_run)
 
 

@@ -169,3 +169,37 @@ def test_data_position_resumes_on_another_world_size(tmp_path):
     assert [k for b in one.train_dataloader() for k in keys(b)] == fresh[16:]
     with pytest.raises(ValueError, match="2-process run on 4 processes.*resume on 2 processes"):
         ranks(4, {**state, "batches_seen": 1})[0].train_dataloader()
+
+
+def test_plan_devices_shards_the_optimizer_state(capsys):
+    from qgl.cli import main
+    from qgl.config import load_recipe
+    from qgl.plan import plan_memory
+
+    cfg = load_recipe("pretrain/llama_1b", ["data.source=embedded", "data.batch_size=4",
+                                            "trainer.accumulate_grad_batches=1"])
+    one, four = plan_memory(cfg), plan_memory(cfg, devices=4)
+    state = lambda plan: plan.parts["optimizer_moments"] + plan.parts["projections"]
+    # The most loaded of 4 ranks: about a quarter. Not exactly: whole matrices, spread evenly first (the
+    # SVDs), then embedding and head (a quarter of the 1B's state between them) onto the least loaded.
+    assert state(one) / 4 <= state(four) <= 0.33 * state(one), (state(one), state(four))
+    assert state(plan_memory(cfg, devices=2)) <= 0.51 * state(one)
+    assert four.parts["int8_weights"] == one.parts["int8_weights"]  # weights are replicated
+    assert four.parts["gradients"] > one.parts["gradients"]  # + one gradient in its reduction
+    assert four.total < one.total
+    assert main(["plan", "pretrain/llama_1b", "--devices", "4"]) == 0
+    assert "DDP on 4 GPUs, state sharded by matrix" in capsys.readouterr().out
+    assert main(["plan", "pretrain/llama_1b", "--devices", "0"]) == 2
+    assert "devices must be >= 1" in capsys.readouterr().err
+    unsharded = load_recipe("pretrain/llama_1b", ["data.source=embedded", "qgalore.shard_state=false"])
+    assert state(plan_memory(unsharded, devices=4)) == state(one)
+
+
+def test_balance_spreads_matrices_and_plain_parameters():
+    from qgl.optim.distributed import balance
+
+    costs = [(100, True), (90, True), (80, True), (10, True), (50, False), (5, False), (5, False)]
+    owners = balance(costs, 2)
+    # Largest first onto the least loaded: the matrices (SVDs) spread, then the plain ones even the bytes.
+    assert owners == [0, 1, 1, 0, 0, 0, 0]
+    assert balance(costs, 1) == [0] * len(costs)

@@ -56,27 +56,27 @@ def state_cost(p: Tensor, group: dict[str, Any]) -> int:
     return low * per + proj
 
 
-def assign_owners(optimizer: QGaLoreAdamW, world_size: int) -> dict[Tensor, int]:
-    """Owner rank of every parameter of `optimizer`: greedy largest-first onto the least-loaded
-    rank (ties: lowest rank, then parameter order), projected matrices and plain parameters
-    balanced separately so that the SVDs spread over the ranks too. Deterministic: every rank
-    computes the same map."""
-    owners: dict[Tensor, int] = {}
-    index = 0
-    classes: dict[bool, list[tuple[int, int, Tensor]]] = {True: [], False: []}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            projected = group.get("rank") is not None and p.ndim == 2
-            classes[projected].append((-state_cost(p, group), index, p))
-            index += 1
-    for items in classes.values():
-        loads = [(0, r) for r in range(world_size)]
-        for _, _, p in sorted(items, key=lambda t: (t[0], t[1])):
+def balance(costs: list[tuple[int, bool]], world_size: int) -> list[int]:
+    """Owner rank of each (cost, projected) item: greedy largest-first onto the least-loaded rank
+    (ties: lowest rank, then item order): the projected matrices first, so that their SVDs spread
+    evenly, then the plain parameters onto the same loads, so that the bytes do too. Deterministic:
+    every rank computes the same map."""
+    owners = [0] * len(costs)
+    loads = [(0, r) for r in range(world_size)]
+    for projected in (True, False):
+        items = sorted((-c, i) for i, (c, pr) in enumerate(costs) if pr == projected)
+        for neg, i in items:
             load, r = heapq.heappop(loads)
-            owners[p] = r
-            cost = state_cost(p, optimizer._group_of[p])
-            heapq.heappush(loads, (load + cost, r))
+            owners[i] = r
+            heapq.heappush(loads, (load - neg, r))
     return owners
+
+
+def assign_owners(optimizer: QGaLoreAdamW, world_size: int) -> dict[Tensor, int]:
+    """Owner rank of every parameter of `optimizer` (`balance` of their `state_cost`)."""
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    costs = [(state_cost(p, g), g.get("rank") is not None and p.ndim == 2) for p, g in params]
+    return {p: r for (p, _), r in zip(params, balance(costs, world_size), strict=True)}
 
 
 def weight_tensors(p: Tensor) -> list[Tensor]:
