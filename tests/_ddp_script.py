@@ -69,6 +69,20 @@ class Positioned(DataLoader):
         pass
 
 
+class NonFinite(L.Callback):
+    """On rank 1 at step `step`, a NaN in the local gradient of one parameter that rank 0 owns."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        driver = trainer.optimizers[0]._qgl_distributed
+        p = next(p for p in driver.params if driver.owners[p] == 0)
+        # A tensor hook runs before the gradient is accumulated, hence before qgl's reduction.
+        p.register_hook(lambda g: g * float("nan") if trainer.global_rank == 1
+                        and trainer.global_step == self.step else g)
+
+
 class Record(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -98,6 +112,8 @@ def main() -> None:
     ap.add_argument("--no-shard", action="store_true")
     ap.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps there")
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--nan-at", type=int, default=None,
+                    help="at this step, rank 1 makes a gradient owned by rank 0 non-finite")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
@@ -113,6 +129,8 @@ def main() -> None:
                                             "proj_group_size": 64, "min_8bit_size": 256, "queue_size": 2,
                                             "subspace_monitor": False, "shard_state": not args.no_shard,
                                             **extra}))
+    if args.nan_at is not None:
+        callbacks.append(NonFinite(args.nan_at))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="step{step}", every_n_train_steps=2,
                                          auto_insert_metric_name=False, save_top_k=-1))
@@ -130,10 +148,13 @@ def main() -> None:
     optimizer = trainer.optimizers[0]
     nbytes = optimizer.state_nbytes() if hasattr(optimizer, "state_nbytes") else {}
     stats = optimizer.subspace_stats() if hasattr(optimizer, "subspace_stats") else {}
+    # This rank's own SVDs (the class's method: the instance's gathers every owner's).
+    local = type(optimizer).subspace_stats(optimizer) if hasattr(optimizer, "subspace_stats") else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"losses": record.losses, "state_dict": module.state_dict(), "state_nbytes": nbytes,
                 "subspace": {k: v["svd_count"] for k, v in stats.items()},
+                "local_svds": sum(v["svd_count"] for v in local.values()),
                 "first_step_seconds": record.first_step_seconds, "world_size": trainer.world_size,
                 "owned": len(optimizer.state)},
                out / f"rank{trainer.global_rank}.pt")

@@ -66,6 +66,9 @@ def test_ddp_equals_one_process_and_shards_state(method, tmp_path):
         assert 0.4 * total <= state_bytes(r) <= 0.6 * total, (state_bytes(r), total)
     # The SVDs ran on the owners; the statistics gathered from them are the one-process ones.
     assert ranks[0]["subspace"] == ranks[1]["subspace"] == ref["subspace"]
+    svds = ref["local_svds"]
+    assert svds > 0 and sum(r["local_svds"] for r in ranks) == svds
+    assert all(r["local_svds"] <= 0.6 * svds for r in ranks), [r["local_svds"] for r in ranks]
 
 
 @pytest.mark.slow
@@ -97,6 +100,16 @@ def test_resume_two_processes_and_on_one(tmp_path):
                              for x in pair]
     for key, value in whole[0]["state_dict"].items():
         assert torch.equal(one["state_dict"][key], value), key
+
+
+@pytest.mark.slow
+def test_non_finite_gradient_owned_elsewhere_stops_every_rank(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out"), "--devices", "2", "--strategy",
+                           "ddp", "--nan-at", "1"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "rank 0: non-finite gradient in" in proc.stderr
+    assert not (tmp_path / "out").exists()  # no rank went on to finish the run
 
 
 def _fake_trainer(strategy) -> SimpleNamespace:

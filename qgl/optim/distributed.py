@@ -190,6 +190,25 @@ class DistributedLayerwise:
         opt.subspace_stats = self.subspace_stats  # type: ignore[method-assign]
         opt._qgl_distributed = self  # type: ignore[attr-defined]
         self._cls = cls
+        if self.shard:  # only a gradient's owner sees its reduced value: every rank must raise together
+            self._raise_local = opt.layerwise.raise_if_nonfinite
+            opt.layerwise.raise_if_nonfinite = self.raise_if_nonfinite  # type: ignore[method-assign]
+
+    def raise_if_nonfinite(self) -> None:
+        """Collective: raise FloatingPointError on every rank if any owner met a non-finite gradient
+        since the last call (one all-reduce of a flag a step; the messages are gathered only then)."""
+        try:
+            self._raise_local()
+            message = None
+        except FloatingPointError as err:
+            message = str(err)
+        device = self.params[0].device if self.params[0].device.type != "cpu" else torch.device("cpu")
+        flag = torch.tensor([0 if message is None else 1], device=device)
+        dist.all_reduce(flag, group=self.group)
+        if int(flag.item()):
+            messages: list[Any] = [None] * self.world_size
+            dist.all_gather_object(messages, message, group=self.group)
+            raise FloatingPointError("; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m))
 
     def local_state_dict(self) -> dict[str, Any]:
         """This rank's `state_dict()` (the states it owns)."""
