@@ -155,6 +155,7 @@ def main() -> None:
     torch.save({"losses": record.losses, "state_dict": module.state_dict(), "state_nbytes": nbytes,
                 "subspace": {k: v["svd_count"] for k, v in stats.items()},
                 "local_svds": sum(v["svd_count"] for v in local.values()),
+                "local_svd_seconds": sum(v["svd_seconds"] for v in local.values()),
                 "first_step_seconds": record.first_step_seconds, "world_size": trainer.world_size,
                 "owned": len(optimizer.state)},
                out / f"rank{trainer.global_rank}.pt")
