@@ -140,19 +140,19 @@ def test_ddp_without_layerwise_is_refused():
 
 @pytest.mark.slow
 def test_qgl_train_ddp_two_processes_prints_one_summary(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QGL_CACHE": os.environ.get("QGL_CACHE")
-           or str(Path.home() / ".cache" / "qgl")}
+    # The recipe's logger: W&B, offline (ranks > 0 get Lightning's dummy experiment).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "QGL_CACHE": os.environ.get("QGL_CACHE") or str(Path.home() / ".cache" / "qgl")}
     args = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.max_steps=6",
             "data.batch_size=4", "data.block_size=64", "trainer.limit_val_batches=2",
-            "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "logger.wandb=false",
-            "qgalore.update_proj_gap=2"]
+            "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "qgalore.update_proj_gap=2"]
     proc = subprocess.run([sys.executable, "-m", "qgl", "train", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("qgl run summary (qgalore, 6 steps") == 1, proc.stdout
     assert proc.stdout.count("# recipe:") == 1
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
-    assert (tmp_path / "runs" / "qgl" / "tiny" / "subspace_heatmap.png").exists()
+    assert len(list((tmp_path / "runs").rglob("subspace_heatmap.png"))) == 1  # drawn by rank 0 alone
 
 
 def test_data_position_resumes_on_another_world_size(tmp_path):

@@ -123,7 +123,8 @@ def build_logger(cfg: RecipeConfig) -> tuple[Logger, str]:
     if logger._wandb_init.get("anonymous", "") is None:
         del logger._wandb_init["anonymous"]
     run = logger.experiment  # starts the run now, so that its directory can be printed
-    if mode == "disabled" or not getattr(run, "dir", None):
+    # distributed: on ranks > 0 Lightning hands out a dummy experiment (its `dir` is a no-op method).
+    if mode == "disabled" or not isinstance(getattr(run, "dir", None), str) or not run.dir:
         return logger, str(Path(lc.save_dir).resolve())
     return logger, str(Path(run.dir).parent.resolve())  # run.dir is <save_dir>/wandb/<run>/files
 
@@ -253,6 +254,7 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
     val_loss = _float(metrics, "val/loss")
     val_ppl = _float(metrics, "val/ppl") or (math.exp(val_loss) if val_loss is not None else None)
     mem = memory.summary()
+    world = trainer.world_size  # distributed: every rank reads as many tokens (DistributedSampler)
     subspace = next((cb.summary() for cb in trainer.callbacks if type(cb).__name__ == "SubspaceMonitor"), {})
     last = ckpt.last_model_path if ckpt.last_model_path and os.path.exists(ckpt.last_model_path) else None
     return {
@@ -260,8 +262,8 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "train_loss_first": stats.losses[0] if stats.losses else None,
         "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_steps": len(tail),
         "val_loss": val_loss, "val_ppl": val_ppl,
-        "tokens_per_sec": stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
-        "tokens_per_sec_after_first_step": (stats.steady_tokens / stats.steady_seconds
+        "tokens_per_sec": world * stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
+        "tokens_per_sec_after_first_step": (world * stats.steady_tokens / stats.steady_seconds
                                             if stats.steady_seconds > 0 and stats.steady_tokens else None),
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
