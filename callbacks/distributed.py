@@ -48,9 +48,11 @@ def check_strategy(trainer: pl.Trainer, config: dict[str, Any]) -> bool:
 def managed_names(module: torch.nn.Module) -> list[str]:
     """Names of what qgl synchronizes itself: every trainable parameter, every QLinear's carrier
     and INT8 buffers (DDP's `_ddp_params_and_buffers_to_ignore` format)."""
+    from qgl.quant import storage_of
+
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     for prefix, sub in module.named_modules():
-        if hasattr(sub, "weight_int8"):
+        if storage_of(getattr(sub, "weight", None)) is not None:  # a QLinear: carrier + INT8 buffers
             dot = f"{prefix}." if prefix else ""
             names += [f"{dot}weight"] + [f"{dot}{b}" for b, t in sub.named_buffers(recurse=False)
                                          if t is not None]
@@ -95,11 +97,12 @@ class DistributedQGaLore(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from qgl.optim.distributed import DistributedLayerwise, broadcast_weights
+        from qgl.quant import storage_of
 
         optimizer = next(o for o in trainer.optimizers if getattr(o, "layerwise", None) is not None)
         # Every rank starts from rank 0's model: parameters (never a stride-0 carrier: its QLinear's
         # INT8 codes and scales are among the buffers) and buffers.
-        params = [p for p in pl_module.parameters() if not hasattr(p, "_qgl_owner")]
+        params = [p for p in pl_module.parameters() if storage_of(p) is None]
         broadcast_weights([*params, *pl_module.buffers()])
         self.driver = DistributedLayerwise(optimizer, shard=self.shard)
 

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from qgl.quant import storage_of
+
 if TYPE_CHECKING:
     from qgl.optim.qgalore_adamw import QGaLoreAdamW
 
@@ -80,11 +82,12 @@ def assign_owners(optimizer: QGaLoreAdamW, world_size: int) -> dict[Tensor, int]
 
 
 def weight_tensors(p: Tensor) -> list[Tensor]:
-    """The tensors that hold `p`'s value: a QLinear carrier's INT8 codes, scales (and zeros), else `p`."""
-    owner = getattr(p, "_qgl_owner", None)
-    if owner is None:
+    """The tensors that hold `p`'s value: a carrier's INT8 codes, scales (and zeros) (its
+    `qgl.quant.Int8Tensor`, a view of the QLinear's buffers), else `p` itself."""
+    storage = storage_of(p)
+    if storage is None:
         return [p.data]
-    return [t for t in (owner.weight_int8, owner.weight_scale, owner.weight_zero) if t is not None]
+    return [t for t in (storage.q, storage.scale, storage.zero) if t is not None]
 
 
 def broadcast_weights(params: list[Tensor], src: int = 0, group: Any = None) -> None:
