@@ -83,6 +83,22 @@ class NonFinite(L.Callback):
                         and trainer.global_step == self.step else g)
 
 
+class GradsAlive(L.Callback):
+    """The most parameters holding a gradient at once, seen from a hook that runs after qgl's."""
+
+    def __init__(self) -> None:
+        self.most = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+
+        def count(_):
+            self.most = max(self.most, sum(q.grad is not None for q in params))
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(count)
+
+
 class Record(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -122,7 +138,7 @@ def main() -> None:
     L.seed_everything(0)
     config = LlamaConfig(VOCAB, args.hidden, args.hidden * 2, args.layers, 4, max_seq_len=SEQ)
     module = CausalLMModule(config.__dict__, lr=1e-2, warmup_steps=2, max_steps=args.steps)
-    callbacks: list[L.Callback] = [record := Record()]
+    callbacks: list[L.Callback] = [record := Record(), alive := GradsAlive()]
     if args.method != "full":
         extra = GALORE if args.method == "galore" else {}
         callbacks.append(QGaLoreCallback(**{"rank": 8, "update_proj_gap": 2, "group_size": 64,
@@ -157,7 +173,8 @@ def main() -> None:
                 "local_svds": sum(v["svd_count"] for v in local.values()),
                 "local_svd_seconds": sum(v["svd_seconds"] for v in local.values()),
                 "first_step_seconds": record.first_step_seconds, "world_size": trainer.world_size,
-                "owned": len(optimizer.state)},
+                "owned": len(optimizer.state), "grads_alive": alive.most,
+                "params": sum(1 for p in module.parameters() if p.requires_grad)},
                out / f"rank{trainer.global_rank}.pt")
 
 

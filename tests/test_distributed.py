@@ -56,6 +56,9 @@ def test_ddp_equals_one_process_and_shards_state(method, tmp_path):
     ranks = launch(tmp_path / "ddp", "--method", method, "--devices", "2", "--strategy", "ddp")
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert_same_run(ref, ranks)
+    # No full-model gradient: at most the one in flight and the one autograd just wrote.
+    alive = [(r["grads_alive"], r["params"]) for r in ranks]
+    assert all(0 < most <= 2 < params for most, params in alive), alive
     if method == "qgalore":  # the INT8 codes and scales were among the weights compared
         assert any(k.endswith("weight_int8") for k in ref["state_dict"])
     # Sharded by matrix: the parameters' states split between the ranks, ~half the bytes each.
