@@ -39,9 +39,17 @@ def check_strategy(trainer: pl.Trainer, config: dict[str, Any]) -> bool:
                                         "update needs the whole gradient matrix and INT8 weight groups"}
         reason = why.get(name, "it is not data-parallel")
         raise ValueError(f"QGaLoreCallback does not run under {name} ({reason}); {_RUNS_ON}")
-    if not config["layerwise"]:
-        raise ValueError("QGaLoreCallback under DDP needs layerwise=True (gradients are reduced and "
-                         "applied per parameter in backward); set layerwise=True")
+    if not config["layerwise"] and config["shard_state"]:
+        # Each rank then holds only its owned gradients: a global norm or GradScaler's inf check
+        # would be rank-local.
+        if trainer.gradient_clip_val:
+            raise ValueError("QGaLoreCallback(layerwise=False, shard_state=True) under DDP cannot clip the "
+                             "global gradient norm (each rank holds its own matrices' gradients); set "
+                             "shard_state=False, or layerwise_clip_norm with layerwise=True")
+        if trainer.precision == "16-mixed":
+            raise ValueError("QGaLoreCallback(layerwise=False, shard_state=True) under DDP cannot run "
+                             "with precision='16-mixed' (GradScaler's check would be rank-local); use "
+                             "bf16-mixed or shard_state=False")
     return True
 
 
@@ -99,12 +107,19 @@ class DistributedQGaLore(Callback):
         from qgl.optim.distributed import DistributedLayerwise, broadcast_weights
         from qgl.quant import storage_of
 
-        optimizer = next(o for o in trainer.optimizers if getattr(o, "layerwise", None) is not None)
+        optimizer = next(o for o in trainer.optimizers if hasattr(o, "subspace_stats"))
         # Every rank starts from rank 0's model: parameters (never a stride-0 carrier: its QLinear's
         # INT8 codes and scales are among the buffers) and buffers.
         params = [p for p in pl_module.parameters() if storage_of(p) is None]
         broadcast_weights([*params, *pl_module.buffers()])
         self.driver = DistributedLayerwise(optimizer, shard=self.shard)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        from qgl.callbacks._lightning_private import should_accumulate
+
+        if self.driver is not None and self.driver.driver is None:  # not layer-wise: no reduce mid-window
+            self.driver.defer = should_accumulate(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.driver is not None:

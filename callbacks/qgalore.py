@@ -75,7 +75,8 @@ class QGaLoreCallback(OptimizerSwap):
 
     Runs on one device or under DDP (`Trainer(strategy="ddp", devices=N)`: gradients averaged per
     parameter in backward, see `qgl.callbacks.distributed`). Refused, with a ValueError saying
-    what to change: FSDP, FSDP2 and other strategies, DDP without `layerwise`; with `layerwise`,
+    what to change: FSDP, FSDP2 and other strategies; under DDP without `layerwise` and with
+    `shard_state`, global clipping and "16-mixed" (rank-local gradients); with `layerwise`,
     `gradient_clip_val`, precision "16-mixed" (GradScaler cannot unscale gradients the hooks
     consumed; use "bf16-mixed") and manual optimization.
     """

@@ -297,9 +297,11 @@ def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
         t.strategy.split("_")[0] not in ("auto", "ddp", "single"),
         f"{cfg.method} runs on one device or under strategy=ddp (state sharded by matrix), not "
         f"{t.strategy!r}: FSDP would shard the whole matrices a (Q-)GaLore update needs")}
-    problems["qgalore.layerwise"] = (
-        t.strategy.startswith("ddp") and not q.layerwise,
-        "strategy=ddp needs qgalore.layerwise=true (gradients reduced per layer)")
+    sharded_step = t.strategy.startswith("ddp") and not q.layerwise and q.shard_state
+    problems["qgalore.shard_state"] = (
+        sharded_step and (t.gradient_clip_val is not None or t.precision in ("16-mixed", "16")),
+        "with qgalore.layerwise=false each rank holds only its own matrices' gradients: global clipping "
+        "and 16-mixed need qgalore.shard_state=false")
     if q.layerwise:
         problems["trainer.gradient_clip_val"] = (
             t.gradient_clip_val is not None,

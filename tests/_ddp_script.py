@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="global batches per epoch")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-shard", action="store_true")
+    ap.add_argument("--no-layerwise", action="store_true")
     ap.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps there")
     ap.add_argument("--resume", default=None)
     ap.add_argument("--nan-at", type=int, default=None,
@@ -144,6 +145,7 @@ def main() -> None:
         callbacks.append(QGaLoreCallback(**{"rank": 8, "update_proj_gap": 2, "group_size": 64,
                                             "proj_group_size": 64, "min_8bit_size": 256, "queue_size": 2,
                                             "subspace_monitor": False, "shard_state": not args.no_shard,
+                                            "layerwise": not args.no_layerwise,
                                             **extra}))
     if args.nan_at is not None:
         callbacks.append(NonFinite(args.nan_at))

@@ -61,8 +61,9 @@ BAD = {
     "qgalore + clip": (None, ["trainer.gradient_clip_val=1.0"],
                        ["key 'trainer.gradient_clip_val'", "layerwise_clip_norm"]),
     "qgalore + fsdp": (None, ["trainer.strategy=fsdp"], ["key 'trainer.strategy'", "strategy=ddp"]),
-    "qgalore + ddp, not layerwise": (None, ["trainer.strategy=ddp", "qgalore.layerwise=false"],
-                                     ["key 'qgalore.layerwise'", "layerwise=true"]),
+    "ddp sharded step + clip": (None, ["trainer.strategy=ddp", "qgalore.layerwise=false",
+                                       "trainer.gradient_clip_val=1.0"],
+                                ["key 'qgalore.shard_state'", "shard_state=false"]),
     "bad devices": (None, ["trainer.devices=many"], ["key 'trainer.devices'", "number >= 1 or auto"]),
 }
 

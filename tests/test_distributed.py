@@ -83,6 +83,15 @@ def test_ddp_all_reduce_without_sharding_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_not_layerwise_sharded_equals_one_process(tmp_path):
+    [ref] = launch(tmp_path / "ref", "--devices", "1", "--accumulate", "2", "--no-layerwise")
+    ranks = launch(tmp_path / "ddp", "--devices", "2", "--strategy", "ddp", "--no-layerwise")
+    assert_same_run(ref, ranks)
+    assert sum(state_bytes(r) for r in ranks) == state_bytes(ref)
+    assert all(0.4 * state_bytes(ref) <= state_bytes(r) <= 0.6 * state_bytes(ref) for r in ranks)
+
+
+@pytest.mark.slow
 def test_resume_two_processes_and_on_one(tmp_path):
     common = ["--batches", "4", "--steps", "4"]
     whole = launch(tmp_path / "whole", *common, "--devices", "2", "--strategy", "ddp",
@@ -133,12 +142,20 @@ def test_fsdp_and_fsdp2_are_refused_naming_ddp(galore):
             QGaLoreCallback(**kwargs).setup(_fake_trainer(strategy), ToyRegressor(), "fit")
 
 
-def test_ddp_without_layerwise_is_refused():
+def test_ddp_sharded_step_refuses_global_clipping_and_16_mixed():
     from lightning.pytorch.strategies import DDPStrategy
-    from test_callbacks import ToyRegressor
 
-    with pytest.raises(ValueError, match="under DDP needs layerwise=True"):
-        QGaLoreCallback(layerwise=False).setup(_fake_trainer(DDPStrategy()), ToyRegressor(), "fit")
+    from qgl.callbacks.distributed import check_strategy
+
+    trainer = SimpleNamespace(strategy=DDPStrategy(), world_size=2, gradient_clip_val=1.0,
+                              precision="32-true")
+    config = {"layerwise": False, "shard_state": True}
+    with pytest.raises(ValueError, match="cannot clip the global gradient norm.*shard_state=False"):
+        check_strategy(trainer, config)
+    trainer.gradient_clip_val, trainer.precision = None, "16-mixed"
+    with pytest.raises(ValueError, match="16-mixed.*shard_state=False"):
+        check_strategy(trainer, config)
+    assert check_strategy(trainer, {**config, "shard_state": False})
 
 
 @pytest.mark.slow

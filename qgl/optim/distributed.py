@@ -1,6 +1,6 @@
 """Data-parallel QGaLoreAdamW: layer-wise updates with gradients reduced across processes.
 
-    driver = DistributedLayerwise(optimizer, shard=True)   # after QGaLoreAdamW(..., layerwise=True)
+    driver = DistributedLayerwise(optimizer, shard=True)   # after QGaLoreAdamW(...)
 
 Every trainable parameter's gradient is averaged over the ranks from its post-accumulate-grad
 hook, before its update, so layer-wise updates stay layer-wise and no full-model gradient is
@@ -41,6 +41,10 @@ from qgl.quant import storage_of
 
 if TYPE_CHECKING:
     from qgl.optim.qgalore_adamw import QGaLoreAdamW
+
+
+def _raise(message: str) -> None:
+    raise FloatingPointError(message)
 
 
 def state_cost(p: Tensor, group: dict[str, Any]) -> int:
@@ -100,16 +104,18 @@ def broadcast_weights(params: list[Tensor], src: int = 0, group: Any = None) -> 
 class DistributedLayerwise:
     """Reduce-then-update hooks in place of the optimizer's layer-wise ones (see the module docstring).
 
+    Without `layerwise` the hooks only reduce (the owner keeps the averaged gradient, a non-owner
+    frees it) and the optimizer's `step` updates the owned parameters, then broadcasts every weight
+    from its owner; `defer` (set by the caller from the accumulation schedule) skips the hooks.
+
     Args:
-        optimizer: a `QGaLoreAdamW` built with `layerwise=True`; its driver keeps the rules
+        optimizer: a `QGaLoreAdamW`; with `layerwise=True` its driver keeps the rules
             (accumulation `defer`, finite check, per-parameter clipping) and does each update.
         shard: own each parameter's state on one rank (reduce + broadcast) instead of all-reduce.
         group: the process group (default: the world).
     """
 
     def __init__(self, optimizer: QGaLoreAdamW, shard: bool = True, group: Any = None) -> None:
-        if optimizer.layerwise is None:
-            raise ValueError("DistributedLayerwise needs QGaLoreAdamW(layerwise=True)")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedLayerwise needs an initialized torch.distributed process group")
         self.optimizer, self.shard, self.group = optimizer, shard, group
@@ -123,7 +129,10 @@ class DistributedLayerwise:
         self._broadcasts: list[Any] = []
         self._queued = False
         self._consolidated: dict[str, Any] | None = None
-        optimizer.layerwise.remove()  # our hooks call the driver's update after the reduction
+        self.driver = optimizer.layerwise
+        self.defer = False  # without a layer-wise driver: skip the hooks (accumulating micro-batches)
+        if self.driver is not None:
+            self.driver.remove()  # our hooks call the driver's update after the reduction
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params
                          if p.requires_grad]
         self._patch_optimizer()
@@ -136,7 +145,7 @@ class DistributedLayerwise:
 
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
-        if self.optimizer.layerwise.defer:
+        if (self.driver.defer if self.driver is not None else self.defer):
             return  # accumulating micro-batches: no communication (as DDP's no_sync)
         if not self._queued:
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
@@ -153,11 +162,11 @@ class DistributedLayerwise:
 
     def _finish(self, p: Tensor, work: Any) -> None:
         work.wait()
-        if self.owns(p):
-            self.optimizer.layerwise._on_grad(p)  # finite check, clip, update, free the gradient
-        else:
+        if not self.owns(p):
             p.grad = None
-        if self.shard:
+        elif self.driver is not None:
+            self.driver._on_grad(p)  # finite check, clip, update, free the gradient
+        if self.shard and self.driver is not None:
             src = self._global[self.owners[p]]
             self._broadcasts += [dist.broadcast(t, src, group=self.group, async_op=True)
                                  for t in weight_tensors(p)]
@@ -193,9 +202,29 @@ class DistributedLayerwise:
         opt.subspace_stats = self.subspace_stats  # type: ignore[method-assign]
         opt._qgl_distributed = self  # type: ignore[attr-defined]
         self._cls = cls
-        if self.shard:  # only a gradient's owner sees its reduced value: every rank must raise together
-            self._raise_local = opt.layerwise.raise_if_nonfinite
-            opt.layerwise.raise_if_nonfinite = self.raise_if_nonfinite  # type: ignore[method-assign]
+        if self.shard and self.driver is not None:  # only a gradient's owner sees its reduced value:
+            self._raise_local = self.driver.raise_if_nonfinite  # every rank must raise together
+            self.driver.raise_if_nonfinite = self.raise_if_nonfinite  # type: ignore[method-assign]
+        elif self.shard:
+            opt.step = self.step  # type: ignore[method-assign]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Not layer-wise, sharded: the optimizer's step on the owned gradients (the closure's backward
+        reduced them), then every weight broadcast from its owner; a non-finite gradient raises on
+        every rank."""
+        message = None
+        try:
+            loss = self._cls.step(self.optimizer, closure)
+        except FloatingPointError as err:
+            loss, message = None, str(err)
+        self._raise_local = lambda: None if message is None else _raise(message)
+        self.raise_if_nonfinite()
+        works = [dist.broadcast(t, self._global[self.owners[p]], group=self.group, async_op=True)
+                 for p in self.params for t in weight_tensors(p)]
+        for work in works:
+            work.wait()
+        return loss
 
     def raise_if_nonfinite(self) -> None:
         """Collective: raise FloatingPointError on every rank if any owner met a non-finite gradient
