@@ -19,12 +19,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from qgl.callbacks._lightning_private import should_accumulate
+from qgl.callbacks.distributed import DistributedQGaLore, check_strategy, prepare_ddp
 from qgl.callbacks.swap import OptimizerSwap, unwrap, wrap
 from qgl.optim import QGaLoreAdamW, make_param_groups
 from qgl.optim.settings import GALORE, QGALORE, QGaLoreSettings
@@ -63,6 +64,9 @@ class QGaLoreCallback(OptimizerSwap):
         offload: optimizer states in host memory between updates: None/False (off), True or "cpu"
             (pinned, prefetched), "paged" (bitsandbytes unified memory); see `qgl.optim.offload`.
         subspace_monitor: add a `SubspaceMonitor` if the trainer has none.
+        shard_state: under DDP, each parameter's optimizer state (moments, projector) lives on one
+            owner rank, which updates it and broadcasts the new weight (`qgl.optim.distributed`);
+            False: all-reduce, every rank holds every state.
 
     From the module's optimizer the callback keeps lr, betas (when it has them), eps and
     weight_decay; weight decay then applies to matrices only, not to biases and norms
@@ -71,10 +75,12 @@ class QGaLoreCallback(OptimizerSwap):
     state stays empty and its memory is its param-group dicts only; its lr is copied into
     QGaLoreAdamW at every `on_train_batch_start`, i.e. the lr the next update uses.
 
-    Refused, with a ValueError saying what to change: more than one device or a strategy other
-    than single-device (not supported yet); with `layerwise`, `gradient_clip_val`, precision
-    "16-mixed" (GradScaler cannot unscale gradients the hooks consumed; use "bf16-mixed") and
-    manual optimization.
+    Runs on one device or under DDP (`Trainer(strategy="ddp", devices=N)`: gradients averaged per
+    parameter in backward, see `qgl.callbacks.distributed`). Refused, with a ValueError saying
+    what to change: FSDP, FSDP2 and other strategies; under DDP without `layerwise` and with
+    `shard_state`, global clipping and "16-mixed" (rank-local gradients); with `layerwise`,
+    `gradient_clip_val`, precision "16-mixed" (GradScaler cannot unscale gradients the hooks
+    consumed; use "bf16-mixed") and manual optimization.
     """
 
     # The keywords are QGaLoreSettings' fields with its defaults (`_D`), which also checks them (a test
@@ -91,7 +97,8 @@ class QGaLoreCallback(OptimizerSwap):
                  optim_bits: int = _D["optim_bits"], min_8bit_size: int = _D["min_8bit_size"],
                  layerwise: bool = _D["layerwise"],
                  layerwise_clip_norm: float | None = _D["layerwise_clip_norm"], seed: int = 0,
-                 subspace_monitor: bool = True, offload: bool | str | None = _D["offload"]) -> None:
+                 subspace_monitor: bool = True, offload: bool | str | None = _D["offload"],
+                 shard_state: bool = _D["shard_state"]) -> None:
         # Checked here, at construction (a bad value never reaches the first backward hook).
         self.settings = QGaLoreSettings(
             rank=rank, target_modules=_listed(target_modules), exclude=_listed(exclude),
@@ -101,7 +108,7 @@ class QGaLoreCallback(OptimizerSwap):
             gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap, svd_method=svd_method,
             refresh_metric=refresh_metric,
             optim_bits=optim_bits, min_8bit_size=min_8bit_size, layerwise=layerwise,
-            layerwise_clip_norm=layerwise_clip_norm, offload=offload)
+            layerwise_clip_norm=layerwise_clip_norm, offload=offload, shard_state=shard_state)
         chosen = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in dataclasses.asdict(self.settings).items()}
         self.config: dict[str, Any] = {**chosen, "seed": seed, "subspace_monitor": subspace_monitor}
@@ -125,12 +132,14 @@ class QGaLoreCallback(OptimizerSwap):
 
                 wrap(pl_module, "configure_model", configure_model, once=True)
         super().setup(trainer, pl_module, stage)  # the optimizer swap
+        if isinstance(trainer.strategy, DDPStrategy):  # distributed: keep DDP off qgl's tensors
+            prepare_ddp(trainer, pl_module)
+            if stage == "fit" and not any(isinstance(cb, DistributedQGaLore) for cb in trainer.callbacks):
+                trainer.callbacks.append(DistributedQGaLore(shard=self.config["shard_state"]))
 
     def _check_combination(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
-            raise ValueError(f"QGaLoreCallback runs on one device for now; strategy "
-                             f"{type(trainer.strategy).__name__} on {trainer.world_size} processes is not "
-                             "supported yet: use Trainer(devices=1) with the default strategy")
+        # distributed (qgl/callbacks/distributed.py): single device or DDP; others refused there.
+        self._ddp = check_strategy(trainer, self.config)
         if not self.config["layerwise"]:
             return
         if trainer.gradient_clip_val:

@@ -107,11 +107,11 @@ class SubspaceMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.heatmap or not self.history:
             return
-        self._save_heatmap(trainer)
+        # trainer.log_dir is a collective under DDP: every rank asks, rank 0 alone draws.
+        self._save_heatmap(trainer, trainer.log_dir or trainer.default_root_dir)
 
     @rank_zero_only
-    def _save_heatmap(self, trainer: pl.Trainer) -> None:
-        save_dir = trainer.log_dir or trainer.default_root_dir
+    def _save_heatmap(self, trainer: pl.Trainer, save_dir: str) -> None:
         os.makedirs(save_dir, exist_ok=True)
         self.heatmap_path = os.path.join(save_dir, self.filename)
         render_heatmap(self.history, max(trainer.global_step, 1), self.summary(), self.heatmap_path)

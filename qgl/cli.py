@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import typing
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("args", nargs="*", metavar="RECIPE|key=value",
                       help="an optional recipe (path or bundled name) first, then key=value overrides")
     plan.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory budget, e.g. 16GiB, 80GB, 12000MiB")
+    plan.add_argument("--devices", type=int, metavar="N", default=None,
+                      help="GPUs under DDP (default: the recipe's trainer.devices x num_nodes); the plan "
+                           "is per GPU, with the optimizer state sharded by matrix (qgalore.shard_state)")
     return parser
 
 
@@ -155,8 +159,10 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     except RecipeError as e:
         print(f"qgl: error: {e}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
-    print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
-    print(to_yaml(cfg), end="", flush=True)
+    # distributed: Lightning's DDP launcher re-runs this command on the other ranks; rank 0 prints.
+    if all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
+        print(to_yaml(cfg), end="", flush=True)
     if dry_run:
         return 0
     from qgl.callbacks.finite import NonFiniteError
@@ -188,7 +194,7 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
-def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:
+def cmd_plan(args: Sequence[str], gpu_mem: str | None = None, devices: int | None = None) -> int:
     """Print the recipe's memory plan (and, with a budget, what fits); exit 2 on a bad recipe or size."""
     from qgl.plan import PlanError, plan_memory
 
@@ -196,7 +202,8 @@ def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:
     try:
         budget = None if gpu_mem is None else parse_size(gpu_mem)
         # The plan does not read the data: a recipe's required data.source need not be given.
-        plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]))
+        changes = {} if devices is None else {"devices": devices}
+        plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]), **changes)
     except (RecipeError, PlanError, ValueError) as e:
         print(f"qgl: error: {e}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
@@ -219,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "recipes":
         return cmd_recipes()
     if ns.command == "plan":
-        return cmd_plan([*ns.args, *extra], ns.gpu_mem)
+        return cmd_plan([*ns.args, *extra], ns.gpu_mem, ns.devices)
     return cmd_train([*ns.args, *extra], dry_run=ns.dry_run)
 
 

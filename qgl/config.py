@@ -97,13 +97,22 @@ class OptimConfig(_Section):
     min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr", real(0.0, 1.0))
 
 
+def _devices(name: str, value: Any) -> str | None:
+    """distributed: a device count >= 1, or auto."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return f"{name} must be a number >= 1 or auto, got {value!r}"
+
+
 @dataclass
 class TrainerConfig(_Section):
     max_steps: int = _f(200, "optimizer steps to train", integer(1))
     precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true ...",
                          one_of(PRECISIONS))
     accelerator: str = _f("auto", "cpu, gpu (cuda), mps, auto", one_of(ACCELERATORS))
-    devices: int = _f(1, "devices (GPUs) to use", integer(1))
+    devices: int | str = _f(1, "devices (GPUs) per node: a number, or auto", _devices)
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp (qgalore/galore: state sharded by matrix) ...")
+    num_nodes: int = _f(1, "machines (each with `devices` devices)", integer(1))
     log_every_n_steps: int = _f(10, "steps between logged metrics", integer(1))
     val_check_interval: int | None = _f(None, "steps between validations (null: once, at the end)",
                                         integer(1, optional=True))
@@ -283,7 +292,16 @@ def _merge_override(cfg: DictConfig, override: str, where: str) -> DictConfig:
 def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
     """Combinations QGaLoreCallback refuses at set-up, reported before anything is built."""
     t, q = cfg.trainer, cfg.qgalore
-    problems = {"trainer.devices": (t.devices != 1, f"qgalore runs on 1 device for now, got {t.devices}")}
+    # distributed: one device or DDP (qgl/callbacks/distributed.py says why FSDP is refused).
+    problems = {"trainer.strategy": (
+        t.strategy.split("_")[0] not in ("auto", "ddp", "single"),
+        f"{cfg.method} runs on one device or under strategy=ddp (state sharded by matrix), not "
+        f"{t.strategy!r}: FSDP would shard the whole matrices a (Q-)GaLore update needs")}
+    sharded_step = t.strategy.startswith("ddp") and not q.layerwise and q.shard_state
+    problems["qgalore.shard_state"] = (
+        sharded_step and (t.gradient_clip_val is not None or t.precision in ("16-mixed", "16")),
+        "with qgalore.layerwise=false each rank holds only its own matrices' gradients: global clipping "
+        "and 16-mixed need qgalore.shard_state=false")
     if q.layerwise:
         problems["trainer.gradient_clip_val"] = (
             t.gradient_clip_val is not None,

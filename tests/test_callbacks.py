@@ -214,10 +214,11 @@ def test_optimizer_refusals(tmp_path):
         trainer(tmp_path, [qgalore()]).fit(TwoOptimizers())
     with pytest.raises(ValueError, match="manual optimization"):
         trainer(tmp_path, [qgalore()]).fit(Manual())
-    # Several devices: checked before anything is built (a fake trainer: no processes are launched).
-    ddp = SimpleNamespace(strategy=object(), world_size=2)
-    with pytest.raises(ValueError, match="not supported yet"):
-        qgalore().setup(ddp, ToyRegressor(), "fit")
+    # A strategy other than one device or DDP: checked before anything is built (a fake trainer: no
+    # processes are launched; tests/test_distributed.py has FSDP's refusals and DDP's runs).
+    other = SimpleNamespace(strategy=object(), world_size=2)
+    with pytest.raises(ValueError, match="does not run under object.*strategy='ddp'"):
+        qgalore().setup(other, ToyRegressor(), "fit")
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -60,7 +60,11 @@ BAD = {
     "non-positive": (None, ["trainer.max_steps=0"], ["tiny.yaml", "key 'trainer.max_steps'", ">= 1"]),
     "qgalore + clip": (None, ["trainer.gradient_clip_val=1.0"],
                        ["key 'trainer.gradient_clip_val'", "layerwise_clip_norm"]),
-    "qgalore + 2 devices": (None, ["trainer.devices=2"], ["key 'trainer.devices'", "1 device"]),
+    "qgalore + fsdp": (None, ["trainer.strategy=fsdp"], ["key 'trainer.strategy'", "strategy=ddp"]),
+    "ddp sharded step + clip": (None, ["trainer.strategy=ddp", "qgalore.layerwise=false",
+                                       "trainer.gradient_clip_val=1.0"],
+                                ["key 'qgalore.shard_state'", "shard_state=false"]),
+    "bad devices": (None, ["trainer.devices=many"], ["key 'trainer.devices'", "number >= 1 or auto"]),
 }
 
 

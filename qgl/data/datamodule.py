@@ -88,7 +88,8 @@ class TextDataModule(L.LightningDataModule):
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | None = None
         self._sampler: ResumableSampler | None = None
-        self._resume: tuple[int, int] = (0, 0)  # (epoch, batches seen in it)
+        self._resume: tuple[int, int] = (0, 0)  # (epoch, batches seen in it, per rank)
+        self._resume_world = 1  # the world size of the run that saw them
 
     @property
     def vocab_size(self) -> int:
@@ -116,6 +117,7 @@ class TextDataModule(L.LightningDataModule):
         self._sampler = ResumableSampler(self.train_set, seed=self.seed, num_replicas=world, rank=rank,
                                          own_epochs=trainer is not None)
         epoch, seen = self._resume
+        seen = self._seen_on(world, seen)
         if seen >= self.batches_per_epoch:  # saved at the end of an epoch: resume at the next one
             epoch, seen = epoch + 1, 0
         self._sampler.skip(epoch, seen * self.batch_size)
@@ -147,10 +149,26 @@ class TextDataModule(L.LightningDataModule):
             return sampler.epoch, sampler.yielded // self.batch_size
         return self._resume
 
+    def _seen_on(self, world: int, seen: int) -> int:
+        """Batches per rank of a run on `world` processes that cover the samples `seen` batches per rank
+        covered on the checkpoint's world size (the shuffle is the same permutation for any world size,
+        rank r reading every world-th index of it)."""
+        saved = self._resume_world
+        if saved == world:
+            return seen
+        samples = seen * self.batch_size * saved
+        if samples % (self.batch_size * world):
+            raise ValueError(f"cannot resume the data position of a {saved}-process run on {world} "
+                             "processes: "
+                             f"{samples} samples seen is not a whole number of {world} x batch_size "
+                             f"{self.batch_size}; resume on {saved} processes")
+        return samples // (self.batch_size * world)
+
     def state_dict(self) -> dict[str, Any]:
         epoch, seen = self._position()
+        world = self.trainer.world_size if self.trainer is not None else 1
         return {"epoch": epoch, "batches_seen": seen, "seed": self.seed, "batch_size": self.batch_size,
-                "block_size": self.block_size}
+                "block_size": self.block_size, "world_size": world}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in ("seed", "batch_size", "block_size"):
@@ -159,3 +177,4 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"cannot resume the data position: the checkpoint has {name}="
                                  f"{state_dict[name]}, this TextDataModule has {getattr(self, name)}")
         self._resume = (int(state_dict["epoch"]), int(state_dict["batches_seen"]))
+        self._resume_world = int(state_dict.get("world_size", 1))  # batches_seen counts per rank

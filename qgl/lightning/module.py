@@ -123,7 +123,7 @@ class CausalLMModule(pl.LightningModule):
         input_ids, labels = batch
         logits = self(input_ids)
         self.val_ppl.update(logits.float(), labels)
-        self.log("val/loss", causal_lm_loss(logits, labels), prog_bar=True)
+        self.log("val/loss", causal_lm_loss(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl)
 
     def on_validation_epoch_end(self) -> None:

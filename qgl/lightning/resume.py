@@ -21,6 +21,7 @@ warning naming each change. Everything else (logging, checkpointing, precision, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -90,9 +91,36 @@ def _new_run_dir(root: Path, name: str | None) -> Path:
     return candidate
 
 
+# Rank 0's RunPaths, handed to the processes that Lightning's DDP launcher starts for the other ranks:
+# they re-run `qgl train` from the top, and would otherwise pick a run directory of their own (a later
+# `run-<time>`, or `<name>-1` since rank 0's already exists).
+LAUNCHED_RUN_ENV = "QGL_RUN_PATHS"
+
+
+def share_with_launched_ranks(paths: RunPaths) -> None:
+    """Put `paths` in the environment that Lightning's launcher copies into the other ranks' processes."""
+    resume_from = None if paths.resume_from is None else str(paths.resume_from)
+    os.environ[LAUNCHED_RUN_ENV] = json.dumps([str(paths.run_dir), str(paths.checkpoint_dir), resume_from])
+
+
+def _launched_rank_paths() -> RunPaths | None:
+    """Rank 0's paths in a process Lightning's launcher started for another rank (LOCAL_RANK or
+    NODE_RANK set and not 0), else None."""
+    raw = os.environ.get(LAUNCHED_RUN_ENV)
+    launched = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    if not raw or not launched:
+        return None
+    run_dir, checkpoint_dir, resume_from = json.loads(raw)
+    return RunPaths(Path(run_dir), Path(checkpoint_dir), None if resume_from is None else Path(resume_from))
+
+
 def resolve_run(cfg: RecipeConfig) -> RunPaths:
     """The run directory, checkpoint directory and resume checkpoint of `cfg` (module docstring);
-    creates nothing. Raises `RunSetupError` when `ckpt_path` names nothing to resume."""
+    creates nothing. Raises `RunSetupError` when `ckpt_path` names nothing to resume. In a process
+    that Lightning's DDP launcher started for a rank > 0: rank 0's (`share_with_launched_ranks`)."""
+    launched = _launched_rank_paths()
+    if launched is not None:
+        return launched
     root = Path(cfg.logger.save_dir).expanduser() / cfg.logger.project
     name = cfg.logger.name
     if cfg.ckpt_path is None:

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.profilers import AdvancedProfiler, Profiler, PyTorchProfiler, SimpleProfiler
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -33,7 +34,13 @@ from rich.table import Table
 from qgl.callbacks.finite import NonFiniteError, NonFiniteGuard
 from qgl.config import RecipeConfig
 from qgl.lightning.checkpoint import AtomicModelCheckpoint
-from qgl.lightning.resume import RecipeRecord, check_resume, prepare_dirs, resolve_run
+from qgl.lightning.resume import (
+    RecipeRecord,
+    check_resume,
+    prepare_dirs,
+    resolve_run,
+    share_with_launched_ranks,
+)
 
 _MIB = 2**20
 
@@ -130,7 +137,8 @@ def build_logger(cfg: RecipeConfig, run_dir: str | os.PathLike) -> tuple[Logger,
     if logger._wandb_init.get("anonymous", "") is None:
         del logger._wandb_init["anonymous"]
     run = logger.experiment  # starts the run now, so that its directory can be printed
-    if mode == "disabled" or not getattr(run, "dir", None):
+    # distributed: on ranks > 0 Lightning hands out a dummy experiment (its `dir` is a no-op method).
+    if mode == "disabled" or not isinstance(getattr(run, "dir", None), str) or not run.dir:
         return logger, str(run_dir.resolve())
     return logger, str(Path(run.dir).parent.resolve())  # run.dir is <save_dir>/wandb/<run>/files
 
@@ -213,7 +221,8 @@ def _trainer(cfg: RecipeConfig, callbacks: list[Callback], logger: Logger, run_d
     t = cfg.trainer
     every = (t.val_check_interval or t.max_steps) * t.accumulate_grad_batches  # Lightning counts batches
     return L.Trainer(max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator,
-                     devices=t.devices, log_every_n_steps=t.log_every_n_steps, val_check_interval=every,
+                     devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+                     log_every_n_steps=t.log_every_n_steps, val_check_interval=every,
                      check_val_every_n_epoch=None,
                      limit_val_batches=1.0 if t.limit_val_batches is None else t.limit_val_batches,
                      gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
@@ -235,14 +244,17 @@ def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         for line in check_resume(cfg, paths.resume_from):
             console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
     prepare_dirs(cfg, paths)
+    share_with_launched_ranks(paths)
     L.seed_everything(cfg.seed, workers=True)
     dm = _data_module(cfg)
     module = _module(cfg, dm.vocab_size)
     logger, log_dir = build_logger(cfg, paths.run_dir)
     run_dir = str(paths.run_dir.resolve())
-    console.print(f"[bold]run directory:[/bold] {run_dir}"
-                  + (f" (resuming {paths.resume_from})" if paths.resume_from else ""), soft_wrap=True)
-    if os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
+    rank_zero = rank_zero_only.rank == 0  # distributed: Lightning's launcher re-runs this on every rank
+    if rank_zero:
+        console.print(f"[bold]run directory:[/bold] {run_dir}"
+                      + (f" (resuming {paths.resume_from})" if paths.resume_from else ""), soft_wrap=True)
+    if rank_zero and os.environ.get("WANDB_MODE") == "offline" and isinstance(logger, WandbLogger):
         console.print(f"W&B runs offline: upload later with `wandb sync {log_dir}`", soft_wrap=True)
     failed = True
     try:
@@ -262,7 +274,8 @@ def run(cfg: RecipeConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         failed = False
     finally:
         _finish(logger, failed)
-    _print_summary(console, summary)
+    if trainer.is_global_zero:  # distributed: one summary, from rank 0
+        _print_summary(console, summary)
     return summary
 
 
@@ -293,6 +306,7 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
     val_loss = _float(metrics, "val/loss")
     val_ppl = _float(metrics, "val/ppl") or (math.exp(val_loss) if val_loss is not None else None)
     mem = memory.summary()
+    world = trainer.world_size  # distributed: every rank reads as many tokens (DistributedSampler)
     subspace = next((cb.summary() for cb in trainer.callbacks if type(cb).__name__ == "SubspaceMonitor"), {})
     last = ckpt.last_model_path if ckpt.last_model_path and os.path.exists(ckpt.last_model_path) else None
     return {
@@ -300,8 +314,8 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "train_loss_first": stats.losses[0] if stats.losses else None,
         "train_loss": sum(tail) / len(tail) if tail else None, "train_loss_steps": len(tail),
         "val_loss": val_loss, "val_ppl": val_ppl,
-        "tokens_per_sec": stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
-        "tokens_per_sec_after_first_step": (stats.steady_tokens / stats.steady_seconds
+        "tokens_per_sec": world * stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
+        "tokens_per_sec_after_first_step": (world * stats.steady_tokens / stats.steady_seconds
                                             if stats.steady_seconds > 0 and stats.steady_tokens else None),
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",

@@ -194,6 +194,9 @@ class OptimizerSettings:
     offload: str | None = setting(None, "optimizer states in host memory between layer updates: null (off), "
                                   "cpu (pinned, prefetched), paged (bitsandbytes unified memory, CUDA)",
                                   one_of(OFFLOAD_MODES))
+    shard_state: bool = setting(True, "under DDP: each matrix's optimizer state on one owner rank, which "
+                                "updates it and broadcasts the weight (false: all-reduce, every rank holds "
+                                "every state); see qgl.optim.distributed")
 
     def __post_init__(self) -> None:
         if isinstance(self.offload, bool) or self.offload == "none":  # the Python API's aliases

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from qgl.config import RecipeConfig
 from qgl.models.llama import LLAMA_CONFIGS, LlamaConfig
 from qgl.optim.adam import plain_chunk
+from qgl.optim.distributed import balance
 from qgl.optim.offload import PAGED_MIN_NUMEL
 from qgl.plan.activations import activation_bytes, block_bytes_per_token
 from qgl.plan.inventory import (
@@ -223,6 +224,9 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
         worst, window = _worst_update(inv, s)
         parts["gradients"] = grad_nbytes(worst, s)
         how["gradients"] = f"one at a time (layer-wise), that of the largest update: {worst.name}"
+        if s.devices > 1:  # distributed: the previous parameter's reduction is still in flight
+            parts["gradients"] += grad_nbytes(largest_grad, s)
+            how["gradients"] += f", + one in its reduction across the {s.devices} GPUs"
         if s.offload == "cpu":
             parts["optimizer_moments"] = sum(m for m, _ in window)
             parts["projections"] = sum(pr for _, pr in window)
@@ -264,6 +268,10 @@ def _plan(name: str, config: LlamaConfig, s: PlanSettings, inv: Inventory) -> Me
     return MemoryPlan(name, config, s, parts, how, phases, host, notes, inv)
 
 
+def _sharded(s: PlanSettings) -> bool:
+    return s.devices > 1 and s.qgalore and s.layerwise and s.shard_state
+
+
 def _kept_copies(copies: list[ParamInfo], checkpointing: bool) -> int:
     """Elements of autocast's 16-bit weight copies that stay alive: those saved for backward.
     Lightning's autocast runs with `cache_enabled=False`, so a copy is made at each use and freed
@@ -293,6 +301,13 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
     int8 = [p for p in params if p.int8]
     other = [p for p in params if not p.int8]
     states = [state_nbytes(p, s) for p in params]
+    if _sharded(s):  # distributed: the states of the most loaded rank, owners as qgl.optim.distributed's
+        owners = balance([(sum(st), p.rank is not None) for p, st in zip(params, states, strict=True)],
+                         s.devices)
+        loads = [0] * s.devices
+        for st, r in zip(states, owners, strict=True):
+            loads[r] += sum(st)
+        states = [st for st, r in zip(states, owners, strict=True) if r == loads.index(max(loads))]
     copies = [p for p in other if p.linear] if autocast else []
     kept = _kept_copies(copies, s.checkpointing)
     parts = {"int8_weights": sum(int8_nbytes(p.numel, s.group_size, s.symmetric) for p in int8),
@@ -307,7 +322,8 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
            "buffers": f"RoPE cos/sin cache ({inv.buffer_numel:,} elements x {pb} B)",
            "optimizer_moments": ("2 moments in the parameters' dtype (torch AdamW)" if not s.qgalore else
                                  f"{s.optim_bits}-bit: 2 (N + 4 ceil(N/256)) for N >= {s.min_8bit_size}, "
-                                 "else 8 N (fp32); N = low-rank numel for GaLore"),
+                                 "else 8 N (fp32); N = low-rank numel for GaLore"
+                                 + (f"; the most loaded of {s.devices} ranks' share" if _sharded(s) else "")),
            "projections": (f"INT4 P: ceil(k/2) + 8 ceil(k/{s.proj_group_size}) + 4 x leading vector"
                            if s.proj_quant else f"float P in the gradients' dtype: {2 if pb == 2 else 4} k "
                            "+ 4 x leading vector"),

@@ -52,6 +52,8 @@ class PlanSettings:
         layerwise: update each parameter in its backward hook (QGaLoreAdamW).
         offload: optimizer states in host memory: None, "cpu" (`qgl.optim.offload.StateOffloader`)
             or "paged" (8-bit codes in CUDA unified memory).
+        devices: data-parallel processes (DDP), the plan is per GPU; shard_state: under DDP, each
+            matrix's optimizer state on one owner rank (`qgl.optim.distributed`).
         fused_8bit: bitsandbytes' fused 8-bit Adam kernel runs the moments (False: the plain-torch
             reference, with fp32 copies of both moments).
         rank ... min_8bit_size: QGaLoreCallback's arguments of the same names.
@@ -78,12 +80,14 @@ class PlanSettings:
     optim_bits: int = _Q["optim_bits"]
     min_8bit_size: int = _Q["min_8bit_size"]
     fused_8bit: bool = True
+    devices: int = 1
+    shard_state: bool = _Q["shard_state"]
 
     def __post_init__(self) -> None:
         for name, choices in (("precision", tuple(PRECISIONS)), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise PlanError(f"{name}={getattr(self, name)!r} is not one of {choices}")
-        for name in ("batch_size", "seq_len", "accumulate"):
+        for name in ("batch_size", "seq_len", "accumulate", "devices"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
         try:
@@ -116,6 +120,9 @@ class PlanSettings:
                       f"offload {self.offload or 'off'}"]
         else:
             parts.append("torch AdamW")
+        if self.devices > 1:  # distributed: DDP, per GPU
+            sharded = self.qgalore and self.layerwise and self.shard_state
+            parts.append(f"DDP on {self.devices} GPUs" + (", state sharded by matrix" if sharded else ""))
         return ", ".join(parts)
 
     @classmethod
@@ -138,7 +145,9 @@ class PlanSettings:
                    proj_group_size=q.proj_group_size,
                    svd_method=q.svd_method if quantized else "full",  # galore: the exact SVD
                    optim_bits=q.optim_bits,
-                   min_8bit_size=q.min_8bit_size)
+                   min_8bit_size=q.min_8bit_size, shard_state=q.shard_state,
+                   devices=(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
+                   * cfg.trainer.num_nodes)
 
 
 def model_config(cfg: RecipeConfig) -> tuple[str, LlamaConfig]:
