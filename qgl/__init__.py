@@ -8,6 +8,9 @@ Core (plain PyTorch, no Lightning needed):
     make_param_groups  split a model into GaLore and plain AdamW groups by module name
     QLinear            nn.Linear with INT8 group-quantized weight storage
     quantize_model     swap chosen nn.Linear modules for QLinear, in place
+    dequantize_model   undo it (and LoRA): QLinear / LoRALinear back to nn.Linear, in place
+    export             write a model or a `qgl train` checkpoint as a Hugging Face directory
+                       (safetensors; qgl.hf_export)
 
 Lightning (imported on first use):
     QGaLoreCallback, SubspaceMonitor, MemoryMonitor   callbacks (qgl.callbacks)
@@ -17,7 +20,7 @@ Lightning (imported on first use):
 from importlib import import_module
 from typing import Any
 
-from qgl.nn import QLinear, quantize_model
+from qgl.nn import QLinear, dequantize_model, quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
 
 __version__ = "0.1.0"
@@ -27,9 +30,10 @@ _LAZY = {
     "SubspaceMonitor": "qgl.callbacks",
     "MemoryMonitor": "qgl.callbacks",
     "CausalLMModule": "qgl.lightning",
+    "export": "qgl.hf_export",
 }
 
-__all__ = ["QGaLoreAdamW", "make_param_groups", "QLinear", "quantize_model", *_LAZY]
+__all__ = ["QGaLoreAdamW", "make_param_groups", "QLinear", "quantize_model", "dequantize_model", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

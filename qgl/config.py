@@ -41,8 +41,10 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("tiny", "built-in LLaMA size: tiny, 60m, 130m, 350m, 1b, 7b")
-    hf_path: str | None = _f(None, "local Hugging Face causal-LM directory (fine-tuning); overrides name")
+    hf_path: str | None = _f(None, "Hugging Face causal LM: a local directory or a Hub id (fine-tuning); "
+                             "overrides name")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save activations")
+    dtype: str | None = _f(None, "dtype the Hugging Face model is loaded in: bf16, fp16, fp32 (null: fp32)")
 
 
 @dataclass
@@ -55,6 +57,9 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes")
     tokenizer: str | None = _f(None, "'byte' or a local HF tokenizer dir (null: model.hf_path, else byte)")
     text_field: str = _f("text", "field of each .jsonl line that holds the text")
+    format: str = _f("text", "'text' (pre-training stream) or 'sft': JSON lines of {prompt, response} or "
+                     "{messages} (chat template), loss on the responses only (qgl.data.sft)")
+    packing: bool = _f(True, "sft: pack examples into full blocks (false: one padded example a row)")
 
 
 @dataclass
@@ -305,6 +310,8 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
     _check_choice(cfg.logger.mode, WANDB_MODES, "logger.mode", where)
     _check_choice(cfg.trainer.precision, PRECISIONS, "trainer.precision", where)
     _check_choice(cfg.trainer.profiler, PROFILERS, "trainer.profiler", where)
+    _check_choice(cfg.data.format, ("text", "sft"), "data.format", where)
+    _check_choice(cfg.model.dtype, (None, "bf16", "fp16", "fp32"), "model.dtype", where)
     if cfg.model.hf_path is None:
         from qgl.models.llama import LLAMA_CONFIGS
 
