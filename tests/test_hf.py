@@ -66,7 +66,8 @@ def test_finetuned_export_reloads_with_from_pretrained(trained):
     assert (got - ref).abs().max() <= 2 ** -6 * ref.abs().max()  # bf16 keeps 8 bits of mantissa
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     # From the Lightning checkpoint, through the command line, fp32: the same logits.
-    assert main(["export", str(trained["ckpt"]), "--to", str(trained["root"] / "fp32"), "--dtype", "fp32"]) == 0
+    fp32 = str(trained["root"] / "fp32")
+    assert main(["export", str(trained["ckpt"]), "--to", fp32, "--dtype", "fp32"]) == 0
     reloaded = tf.AutoModelForCausalLM.from_pretrained(trained["root"] / "fp32")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, ref, atol=1e-5, rtol=1e-5)
@@ -247,7 +248,7 @@ def test_hf_path_hub_id_without_hub_is_one_clear_line(tmp_path, monkeypatch):
     from qgl.models.build import load_hf_causal_lm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"'nobody/no-such-model': not a local directory, and the Hugging Face Hub"):
+    with pytest.raises(OSError, match=r"'nobody/no-such-model': not a local directory, and the Hugging Face"):
         load_hf_causal_lm("nobody/no-such-model")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_hf_causal_lm(str(tmp_path / "missing"))
@@ -265,3 +266,32 @@ def test_load_quantized_hf_layer_by_layer(tmp_path):
     with torch.no_grad():
         a, b = model(x).logits, float_model(x).logits
     assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_grouped_query_attention_in_qgl_llama_export_and_plan(tmp_path):
+    from qgl.config import load_recipe
+    from qgl.models.llama import LlamaForCausalLM, count_parameters
+    from qgl.plan import plan_memory
+    from qgl.plan.settings import model_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_name("tiny", hidden_size=64, intermediate_size=128, num_layers=2,
+                                       num_heads=4, num_kv_heads=2, max_seq_len=64)
+    assert model.blocks[0].attn.k_proj.weight.shape == (32, 64)
+    assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+    x = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+    qgl.export(model, tmp_path / "gqa", dtype="fp32")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "gqa")
+    assert reloaded.config.num_key_value_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, ref, atol=1e-4, rtol=1e-4)
+    # The planner reads num_key_value_heads from an HF directory: k/v projections of [kv * hd, h].
+    hf_dir = tiny_llama_dir(tmp_path / "hf")
+    cfg = load_recipe("finetune/llama_hf_sft", [f"model.hf_path={hf_dir}", "data.source=x.jsonl"])
+    _, config = model_config(cfg)
+    hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert config.num_kv_heads == 2
+    assert count_parameters(config) == sum(p.numel() for p in hf.parameters())
+    assert plan_memory(cfg).total > 0
