@@ -51,7 +51,8 @@ def test_lora_rows_train_only_adapters_and_qgalore_quantizes():
 
 @pytest.mark.slow
 def test_script_prints_the_table_one_process_a_row():
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--methods", "lora-r16,qgalore", "--seq", "16", "--steps", "2"]
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--methods", "lora-r16,qgalore", "--seq", "16",
+           "--steps", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
