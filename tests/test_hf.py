@@ -295,3 +295,41 @@ def test_grouped_query_attention_in_qgl_llama_export_and_plan(tmp_path):
     assert config.num_kv_heads == 2
     assert count_parameters(config) == sum(p.numel() for p in hf.parameters())
     assert plan_memory(cfg).total > 0
+
+
+def test_lora_checkpoint_exports_merged(tmp_path):
+    from qgl.hf_export import load_checkpoint_model
+
+    model = tiny_llama(40, seed=2)
+    apply_lora(model, r=4, alpha=12.0)
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.05)
+    base = tmp_path / "base"
+    tiny_llama(40).save_pretrained(base)  # only its config is read
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "hyper_parameters": {"model": "tiny", "hf_path": str(base)},
+                "callbacks": {"LoRACallback": {"config": {"r": 4, "alpha": 12.0}}}}, tmp_path / "l.ckpt")
+    rebuilt, info = load_checkpoint_model(tmp_path / "l.ckpt")
+    assert info["replaced_layers"] == 14
+    x = torch.randint(0, 40, (2, 9))
+    qgl.export(tmp_path / "l.ckpt", tmp_path / "out", dtype="fp32")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_qgl_train_sft_recipe_then_export(tmp_path, monkeypatch):
+    """The recipe path: `qgl train finetune/llama_hf_sft` (data.format=sft) on CPU, then `qgl export`."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = tiny_llama_dir(tmp_path / "m")
+    data = instruction_jsonl(tmp_path / "d.jsonl", repeat=2)
+    args = ["train", "finetune/llama_hf_sft", f"model.hf_path={model_dir}", f"data.source={data}",
+            "model.dtype=fp32", "model.activation_checkpointing=false", "data.block_size=16",
+            "data.batch_size=2", "qgalore.rank=8", "qgalore.group_size=64", "trainer.max_steps=3",
+            "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.accumulate_grad_batches=1",
+            "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "logger.wandb=false",
+            "checkpoint.dir=ck", "optim.warmup_steps=1"]
+    assert main(args) == 0
+    assert main(["export", "ck/last.ckpt", "--to", "out"]) == 0
+    assert tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
