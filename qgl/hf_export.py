@@ -158,7 +158,7 @@ def export(model: nn.Module | str | os.PathLike, out_dir: str | os.PathLike, *,
         tokenizer = tokenizer if tokenizer is not None else info.get("tokenizer")
     hf = find_hf_model(model)
     if hf is not None:
-        sd = plain_state_dict(hf, torch_dtype)
+        sd = plain_state_dict(hf, torch_dtype, device="cpu")
         config = copy.deepcopy(hf.config)
         with torch.device("meta"):
             target = type(hf)(config)
@@ -171,7 +171,7 @@ def export(model: nn.Module | str | os.PathLike, out_dir: str | os.PathLike, *,
             raise ExportError(f"{type(model).__name__} holds neither a Hugging Face model nor qgl's "
                               "LlamaForCausalLM: nothing to export")
         eos = getattr(getattr(tokenizer, "_tok", tokenizer), "eos_token_id", None)
-        target, sd = convert_qgl_llama(llama.config, plain_state_dict(llama, torch_dtype), eos)
+        target, sd = convert_qgl_llama(llama.config, plain_state_dict(llama, torch_dtype, "cpu"), eos)
     target.to(torch_dtype)  # on meta: only what save_pretrained writes as the config's dtype
     tmp = _atomic_dir(out, overwrite)
     try:

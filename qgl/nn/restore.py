@@ -68,19 +68,21 @@ def _replaced(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _float(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+def _float(t: Tensor, dtype: torch.dtype | None, device: torch.device | str | None = None) -> Tensor:
+    return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None)
 
 
 @torch.no_grad()
-def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> dict[str, Tensor]:
     """``model.state_dict()`` as it would be without qgl's surgery, the model left unchanged.
 
     Each QLinear / LoRALinear at ``<name>`` contributes ``<name>.weight`` (dequantized, LoRA merged;
     ``[out, in]``, or ``[in, out]`` for a former Conv1D) and ``<name>.bias`` instead of its buffers
     and adapters. Floating tensors are cast to ``dtype`` (None: each keeps its dtype; a restored
-    weight takes its layer's compute dtype). Tensors shared under several keys (tied embeddings)
-    stay one tensor. Holds one float copy of the model when ``dtype`` differs from the model's.
+    weight takes its layer's compute dtype). ``device``: where the tensors go (None: where they are;
+    "cpu" for an export from the GPU: each restored weight leaves the GPU as soon as it is made).
+    Tensors shared under several keys (tied embeddings) stay one tensor.
     """
     replaced = _replaced(model)
     prefixes = tuple(f"{n}." for n in replaced)
@@ -90,16 +92,16 @@ def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
         if key.startswith(prefixes):
             continue
         if id(t) not in cast:
-            cast[id(t)] = _float(t, dtype)
+            cast[id(t)] = _float(t, dtype, device)
         out[key] = cast[id(t)]
     for name, mod in replaced.items():
         w, bias, conv = plain_weight(mod)
         compute = mod.base.weight.dtype if isinstance(mod, LoRALinear) else mod.weight.dtype
         compute = compute if compute.is_floating_point else torch.float32  # NF4 storage is uint8
-        w = w.to(dtype or compute)
+        w = w.to(device=device, dtype=dtype or compute)
         out[f"{name}.weight"] = w.t().contiguous() if conv else w
         if bias is not None:
-            out[f"{name}.bias"] = _float(bias, dtype)
+            out[f"{name}.bias"] = _float(bias, dtype, device)
     return out
 
 
