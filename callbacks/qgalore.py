@@ -13,6 +13,7 @@ callback copies that optimizer's lr into every QGaLoreAdamW group before each ba
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,11 +33,12 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
 
 from qgl.optim import QGaLoreAdamW, make_param_groups
+from qgl.optim.settings import GALORE, QGALORE, QGaLoreSettings
 
 # Settings that shape the model or the optimizer state: a checkpoint made with other values cannot resume.
 _STRUCTURAL = ("rank", "target_modules", "exclude", "quantize_weights", "group_size", "symmetric")
-_GALORE_OPTIONS = ("update_proj_gap", "scale", "proj_quant", "proj_group_size", "adaptive", "cos_threshold",
-                   "gamma_proj", "queue_size", "max_gap", "svd_method")
+_GALORE_OPTIONS = tuple(k for k in GALORE if k != "rank")
+_D = QGALORE  # QGaLoreSettings' defaults
 
 
 class QGaLoreCallback(Callback):
@@ -55,6 +57,8 @@ class QGaLoreCallback(Callback):
         adaptive: lengthen a layer's gap while its subspace stays put (`cos_threshold`,
             `gamma_proj`, `queue_size`, capped by `max_gap`; see `qgl.optim.refresh`).
         svd_method: "full" or "randomized".
+        (Defaults, ranges and choices: `qgl.optim.settings.QGaLoreSettings`; a bad value raises a
+        one-line `ValueError` (`SettingError`) here, at construction.)
         optim_bits: 8 or 32-bit Adam moments; tensors under `min_8bit_size` elements keep fp32.
         layerwise: update each parameter in backward and free its gradient at once.
         layerwise_clip_norm: per-parameter gradient clipping under `layerwise` (global clipping
@@ -77,23 +81,32 @@ class QGaLoreCallback(Callback):
     manual optimization.
     """
 
-    def __init__(self, rank: int = 256, target_modules: Sequence[str] = ("attn", "mlp"),
-                 exclude: Sequence[str] = ("lm_head",), quantize_weights: bool = True, group_size: int = 256,
-                 symmetric: bool = True, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_quant: bool = True, proj_group_size: int = 256, adaptive: bool = True,
-                 cos_threshold: float = 0.4, gamma_proj: float = 2.0, queue_size: int = 5,
-                 max_gap: int | None = None, svd_method: str = "full", optim_bits: int = 8,
-                 min_8bit_size: int = 4096, layerwise: bool = True, layerwise_clip_norm: float | None = None,
-                 seed: int = 0, subspace_monitor: bool = True, offload: bool | str | None = None) -> None:
-        self.config: dict[str, Any] = dict(
-            rank=rank, target_modules=tuple(target_modules), exclude=tuple(exclude),
+    # The keywords are QGaLoreSettings' fields with its defaults (`_D`), which also checks them (a test
+    # holds the two in step); seed and subspace_monitor are the callback's own.
+    def __init__(self, rank: int = _D["rank"], target_modules: Sequence[str] = _D["target_modules"],
+                 exclude: Sequence[str] = _D["exclude"], quantize_weights: bool = _D["quantize_weights"],
+                 group_size: int = _D["group_size"], symmetric: bool = _D["symmetric"],
+                 update_proj_gap: int = _D["update_proj_gap"], scale: float = _D["scale"],
+                 proj_quant: bool = _D["proj_quant"], proj_group_size: int = _D["proj_group_size"],
+                 adaptive: bool = _D["adaptive"], cos_threshold: float = _D["cos_threshold"],
+                 gamma_proj: float = _D["gamma_proj"], queue_size: int = _D["queue_size"],
+                 max_gap: int | None = _D["max_gap"], svd_method: str = _D["svd_method"],
+                 optim_bits: int = _D["optim_bits"], min_8bit_size: int = _D["min_8bit_size"],
+                 layerwise: bool = _D["layerwise"],
+                 layerwise_clip_norm: float | None = _D["layerwise_clip_norm"], seed: int = 0,
+                 subspace_monitor: bool = True, offload: bool | str | None = _D["offload"]) -> None:
+        # Checked here, at construction (a bad value never reaches the first backward hook).
+        self.settings = QGaLoreSettings(
+            rank=rank, target_modules=_listed(target_modules), exclude=_listed(exclude),
             quantize_weights=quantize_weights, group_size=group_size, symmetric=symmetric,
             update_proj_gap=update_proj_gap, scale=scale, proj_quant=proj_quant,
-            proj_group_size=proj_group_size,
-            adaptive=adaptive, cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size,
-            max_gap=max_gap, svd_method=svd_method, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-            layerwise=layerwise, layerwise_clip_norm=layerwise_clip_norm, seed=seed,
-            subspace_monitor=subspace_monitor, offload=offload)
+            proj_group_size=proj_group_size, adaptive=adaptive, cos_threshold=cos_threshold,
+            gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap, svd_method=svd_method,
+            optim_bits=optim_bits, min_8bit_size=min_8bit_size, layerwise=layerwise,
+            layerwise_clip_norm=layerwise_clip_norm, offload=offload)
+        chosen = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in dataclasses.asdict(self.settings).items()}
+        self.config: dict[str, Any] = {**chosen, "seed": seed, "subspace_monitor": subspace_monitor}
         self.optimizer: QGaLoreAdamW | None = None
         self.user_optimizer: Optimizer | None = None
         self._scheduler_configs: list[LRSchedulerConfig] = []
@@ -254,6 +267,11 @@ class QGaLoreCallback(Callback):
                            "the projected groups keep the checkpoint's GaLore options (saved in the "
                            "optimizer state)")
         self._loaded_user_optimizer = state_dict.get("user_optimizer")
+
+
+def _listed(patterns: Sequence[str]) -> Any:
+    # A lone string stays a string, so that the schema refuses it (list("attn") would be 4 patterns).
+    return patterns if isinstance(patterns, str) else list(patterns)
 
 
 def _wrap(pl_module: pl.LightningModule, name: str, body: Callable[[Callable[[], Any]], Any]) -> None:

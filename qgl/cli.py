@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import typing
@@ -237,7 +238,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
         raise ValueError(f"--gpu-mem {text!r}: expected a size such as 16GiB, 80GB or 12000MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    size = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(size) or size < 1:  # 1e400 is inf; 1e-9 rounds to no byte
+        raise ValueError(f"--gpu-mem {text!r}: not a usable size (expected e.g. 16GiB, 80GB or 12000MiB)")
+    return int(size)
 
 
 def cmd_plan(args: Sequence[str], gpu_mem: str | None = None) -> int:

@@ -21,136 +21,139 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from qgl.optim.settings import QGaLoreSettings, SettingError, check_fields, integer, one_of, real, setting
+
 # qgl.callbacks.methods holds what each does; "adamw" is the former name of "full" (kept as an alias).
 METHODS = ("full", "adamw8bit", "lora", "qlora", "galore", "qgalore", "adamw")
 WANDB_MODES = (None, "online", "offline", "disabled")
 PROFILERS = (None, "simple", "advanced", "pytorch")
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true",
               "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's, less tpu/hpu (qgl's kernels: CUDA or CPU)
 DEFAULT_RECIPE = "tiny.yaml"
 RECIPES_DIR = Path(__file__).parent / "recipes"  # a symlink to the repo's recipes/ (copied into wheels)
 
+_f = setting  # a field with its help line (`qgl train --help`) and its check (qgl.optim.settings)
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help line (shown by `qgl train --help`); lists get a default_factory."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+
+class _Section:
+    """A recipe section: `__post_init__` (OmegaConf's to_object calls it) runs its fields' checks."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _betas(name: str, value: Any) -> str | None:
+    if len(value) != 2:
+        return f"{name} must be 2 values, got {list(value)}"
+    bad = [b for b in value if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0)]
+    return f"{name} must lie in [0, 1), got {list(value)}" if bad else None
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = _f("tiny", "built-in LLaMA size: tiny, 60m, 130m, 350m, 1b, 7b")
     hf_path: str | None = _f(None, "Hugging Face causal LM: a local directory or a Hub id (fine-tuning); "
                              "overrides name")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save activations")
-    dtype: str | None = _f(None, "dtype the Hugging Face model is loaded in: bf16, fp16, fp32 (null: fp32)")
+    dtype: str | None = _f(None, "dtype the Hugging Face model is loaded in: bf16, fp16, fp32 (null: fp32)",
+                           one_of((None, "bf16", "fp16", "fp32")))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     source: str = _f("embedded", "'embedded' (bundled corpus), a local .txt/.jsonl file or folder, "
                      "or hf:<dataset>[:<config>]")
-    block_size: int = _f(128, "tokens per training sequence")
-    batch_size: int = _f(8, "sequences per batch per device")
-    val_fraction: float = _f(0.05, "fraction of the token stream held out for validation")
-    num_workers: int = _f(0, "DataLoader worker processes")
+    block_size: int = _f(128, "tokens per training sequence", integer(1))
+    batch_size: int = _f(8, "sequences per batch per device", integer(1))
+    val_fraction: float = _f(0.05, "fraction of the token stream held out for validation",
+                               real(0.0, 1.0, high_open=True))
+    num_workers: int = _f(0, "DataLoader worker processes", integer(0))
     tokenizer: str | None = _f(None, "'byte' or a local HF tokenizer dir (null: model.hf_path, else byte)")
     text_field: str = _f("text", "field of each .jsonl line that holds the text")
     format: str = _f("text", "'text' (pre-training stream) or 'sft': JSON lines of {prompt, response} or "
-                     "{messages} (chat template), loss on the responses only (qgl.data.sft)")
+                     "{messages} (chat template), loss on the responses only (qgl.data.sft)",
+                     one_of(("text", "sft")))
     packing: bool = _f(True, "sft: pack examples into full blocks (false: one padded example a row)")
 
 
-@dataclass
-class QGaLoreConfig:
-    rank: int = _f(256, "rank of the gradient subspace")
-    target_modules: list[str] = _f(["attn", "mlp"], "name patterns of the Linear layers Q-GaLore trains")
-    exclude: list[str] = _f(["lm_head"], "name patterns left to plain (8-bit) AdamW")
-    quantize_weights: bool = _f(True, "store target weights in INT8 (stochastic-rounding updates)")
-    group_size: int = _f(256, "INT8 weight quantization group")
-    symmetric: bool = _f(True, "symmetric INT8 weight groups")
-    update_proj_gap: int = _f(200, "steps between subspace refreshes (SVDs), before adaptation")
-    scale: float = _f(0.25, "GaLore scale alpha of the projected-back update")
-    proj_quant: bool = _f(True, "store projections in INT4")
-    proj_group_size: int = _f(256, "INT4 projection quantization group")
-    adaptive: bool = _f(True, "lengthen a layer's gap while its subspace stays put")
-    cos_threshold: float = _f(0.4, "mean cosine similarity that counts as 'stable'")
-    gamma_proj: float = _f(2.0, "factor applied to a stable layer's gap")
-    queue_size: int = _f(5, "cosine similarities averaged before deciding")
-    max_gap: int | None = _f(None, "cap on a layer's gap (null: none)")
-    svd_method: str = _f("full", "how projections are computed")
-    optim_bits: int = _f(8, "bits of the Adam moments (8 or 32)")
-    min_8bit_size: int = _f(4096, "tensors smaller than this keep 32-bit moments")
-    layerwise: bool = _f(True, "update each layer during backward (no full gradient in memory)")
-    layerwise_clip_norm: float | None = _f(None, "per-layer gradient clipping when layerwise")
-    offload: str | None = _f(None, "optimizer states in host memory between layer updates: null (off), "
-                             "cpu (pinned, prefetched), paged (bitsandbytes unified memory, CUDA)")
+# The recipe section `qgalore` is the one Q-GaLore schema, shared with QGaLoreCallback and the planner.
+QGaLoreConfig = QGaLoreSettings
 
 
 @dataclass
-class LoRAConfig:
-    r: int = _f(16, "rank of the LoRA adapters (methods lora, qlora)")
-    alpha: float = _f(32.0, "LoRA scale numerator: the update is alpha / r * B A x")
-    dropout: float = _f(0.0, "dropout on the adapters' input")
+class LoRAConfig(_Section):
+    r: int = _f(16, "rank of the LoRA adapters (methods lora, qlora)", integer(1))
+    alpha: float = _f(32.0, "LoRA scale numerator: the update is alpha / r * B A x",
+                      real(0.0, low_open=True))
+    dropout: float = _f(0.0, "dropout on the adapters' input", real(0.0, 1.0, high_open=True))
     target_modules: list[str] = _f(["attn", "mlp"], "name patterns of the Linear layers that get adapters")
     exclude: list[str] = _f(["lm_head"], "name patterns left without adapters")
     trainable: list[str] = _f([], "name patterns of other parameters left trainable (default: all frozen)")
 
 
 @dataclass
-class OptimConfig:
-    lr: float = _f(1e-3, "peak learning rate")
-    weight_decay: float = _f(0.0, "decoupled weight decay")
-    betas: list[float] = _f([0.9, 0.95], "Adam betas")
-    warmup_steps: int = _f(100, "linear warm-up steps")
-    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr")
+class OptimConfig(_Section):
+    lr: float = _f(1e-3, "peak learning rate", real(0.0, low_open=True))
+    weight_decay: float = _f(0.0, "decoupled weight decay", real(0.0))
+    betas: list[float] = _f([0.9, 0.95], "Adam betas (two, each in [0, 1))", _betas)
+    warmup_steps: int = _f(100, "linear warm-up steps", integer(0))
+    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr", real(0.0, 1.0))
 
 
 @dataclass
-class TrainerConfig:
-    max_steps: int = _f(200, "optimizer steps to train")
-    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true ...")
-    accelerator: str = _f("auto", "cpu, gpu, auto")
-    devices: int = _f(1, "devices (GPUs) to use")
-    log_every_n_steps: int = _f(10, "steps between logged metrics")
-    val_check_interval: int | None = _f(None, "steps between validations (null: once, at the end)")
-    limit_val_batches: int | None = _f(None, "validation batches per check (null: all)")
-    gradient_clip_val: float | None = _f(None, "global gradient-norm clip (null: none)")
-    accumulate_grad_batches: int = _f(1, "micro-batches per optimizer step")
-    profiler: str | None = _f(None, "Lightning profiler: simple, advanced, pytorch (report in the run dir)")
+class TrainerConfig(_Section):
+    max_steps: int = _f(200, "optimizer steps to train", integer(1))
+    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true ...",
+                         one_of(PRECISIONS))
+    accelerator: str = _f("auto", "cpu, gpu (cuda), mps, auto", one_of(ACCELERATORS))
+    devices: int = _f(1, "devices (GPUs) to use", integer(1))
+    log_every_n_steps: int = _f(10, "steps between logged metrics", integer(1))
+    val_check_interval: int | None = _f(None, "steps between validations (null: once, at the end)",
+                                        integer(1, optional=True))
+    limit_val_batches: int | None = _f(None, "validation batches per check (null: all)",
+                                       integer(0, optional=True))
+    gradient_clip_val: float | None = _f(None, "global gradient-norm clip (null: none)",
+                                           real(0.0, optional=True))
+    accumulate_grad_batches: int = _f(1, "micro-batches per optimizer step", integer(1))
+    profiler: str | None = _f(None, "Lightning profiler: simple, advanced, pytorch (report in the run dir)",
+                               one_of(PROFILERS))
     memory_snapshot_step: int | None = _f(None, "CUDA: record the allocator over this optimizer step (0: the "
-                                          "first); snapshot and what its peak held in the run dir")
+                                          "first); snapshot and what its peak held in the run dir",
+                                          integer(0, optional=True))
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(_Section):
     wandb: bool = _f(True, "log to Weights & Biases (false: CSV files)")
     project: str = _f("qgl", "W&B project / CSV folder name")
     name: str | None = _f(None, "run name (null: generated)")
     save_dir: str = _f("runs", "where run directories go")
-    mode: str | None = _f(None, "W&B mode online/offline/disabled (null: offline unless a W&B key is set)")
+    mode: str | None = _f(None, "W&B mode online/offline/disabled (null: offline unless a W&B key is set)",
+                          one_of(WANDB_MODES))
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     dir: str = _f("checkpoints", "checkpoint directory")
-    every_n_steps: int | None = _f(100, "steps between checkpoints (null: only last)")
+    every_n_steps: int | None = _f(100, "steps between checkpoints (null: only last)",
+                                      integer(1, optional=True))
     save_last: bool = _f(True, "keep last.ckpt with the final state")
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: str = _f("qgalore", "training method: full (adamw), adamw8bit, lora, qlora, galore, qgalore")
+    method: str = _f("qgalore", "training method: full (adamw), adamw8bit, lora, qlora, galore, qgalore",
+                     one_of(METHODS))
     qgalore: QGaLoreConfig = field(default_factory=QGaLoreConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    seed: int = _f(0, "global seed (model init, data order, stochastic rounding)")
+    seed: int = _f(0, "global seed (model init, data order, stochastic rounding)", integer(0))
     ckpt_path: str | None = _f(None, "checkpoint to resume from ('last' or a path)")
 
 
@@ -281,12 +284,6 @@ def _merge_override(cfg: DictConfig, override: str, where: str) -> DictConfig:
         raise _explain(e, f"{where}: override {override!r}", key, raw) from e
 
 
-def _check_choice(value: Any, choices: tuple, key: str, where: str) -> None:
-    if value not in choices:
-        shown = ", ".join("null" if c is None else str(c) for c in choices)
-        raise RecipeError(f"{where}: key '{key}': {value!r} is not one of: {shown}", file=where, key=key)
-
-
 def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
     """Combinations QGaLoreCallback refuses at set-up, reported before anything is built."""
     t, q = cfg.trainer, cfg.qgalore
@@ -304,40 +301,59 @@ def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
             raise RecipeError(f"{where}: key '{key}': {why}", file=where, key=key)
 
 
+def _check_choice(value: Any, choices: tuple, key: str, where: str) -> None:
+    if value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        raise RecipeError(f"{where}: key '{key}': {value!r} is not one of: {shown}", file=where, key=key)
+
+
+def _check_rank(cfg: RecipeConfig, where: str) -> None:
+    """GaLore's rank must fit every projected layer: shapes from the built-in LLaMA table or the
+    model's config.json (the planner's), without building the model. Skipped when the shape is
+    unknown (an hf_path without a LLaMA-shaped config.json): the optimizer checks it at build."""
+    from qgl.plan.inventory import galore_problem
+    from qgl.plan.settings import PlanError, model_config
+
+    try:
+        _, config = model_config(cfg)
+    except PlanError:
+        return
+    q = cfg.qgalore
+    problem = galore_problem(config, q.rank, q.target_modules, q.exclude)
+    # An hf_path model's module names are not the built-in model's: only the rank is checked there.
+    if problem is not None and not (cfg.model.hf_path is not None and problem[0] == "target_modules"):
+        field, why = problem
+        raise RecipeError(f"{where}: key 'qgalore.{field}': {why}", file=where, key=f"qgalore.{field}")
+
+
 def _validate(cfg: RecipeConfig, where: str) -> None:
-    """Checks the schema cannot express: choices and ranges."""
-    _check_choice(cfg.method, METHODS, "method", where)
-    _check_choice(cfg.logger.mode, WANDB_MODES, "logger.mode", where)
-    _check_choice(cfg.trainer.precision, PRECISIONS, "trainer.precision", where)
-    _check_choice(cfg.trainer.profiler, PROFILERS, "trainer.profiler", where)
-    _check_choice(cfg.data.format, ("text", "sft"), "data.format", where)
-    _check_choice(cfg.model.dtype, (None, "bf16", "fp16", "fp32"), "model.dtype", where)
+    """Checks across sections (each section checked its own fields when it was built)."""
     if cfg.model.hf_path is None:
         from qgl.models.llama import LLAMA_CONFIGS
 
         _check_choice(cfg.model.name, tuple(LLAMA_CONFIGS), "model.name", where)
+        longest = LLAMA_CONFIGS[cfg.model.name].max_seq_len  # the RoPE cache: the forward refuses longer
+        if cfg.data.block_size > longest:
+            raise RecipeError(f"{where}: key 'data.block_size': {cfg.data.block_size} is longer than model "
+                              f"{cfg.model.name}'s max_seq_len {longest}", file=where, key="data.block_size")
     if cfg.method in ("qgalore", "galore"):
         _check_qgalore(cfg, where)
-        _check_choice(cfg.qgalore.offload, (None, "cpu", "paged"), "qgalore.offload", where)
-    if len(cfg.optim.betas) != 2:
-        raise RecipeError(f"{where}: key 'optim.betas': expected 2 values, got {cfg.optim.betas}",
-                          file=where, key="optim.betas")
-    positive = {"trainer.max_steps": cfg.trainer.max_steps, "data.block_size": cfg.data.block_size,
-                "data.batch_size": cfg.data.batch_size, "qgalore.rank": cfg.qgalore.rank,
-                "lora.r": cfg.lora.r, "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
-                "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
-                "trainer.val_check_interval": cfg.trainer.val_check_interval}
-    for key, value in positive.items():
-        if value is not None and value < 1:
-            raise RecipeError(f"{where}: key '{key}': must be >= 1, got {value}", file=where, key=key)
+        _check_rank(cfg, where)
     step = cfg.trainer.memory_snapshot_step
     if step is not None and not 0 <= step < cfg.trainer.max_steps:
         raise RecipeError(f"{where}: key 'trainer.memory_snapshot_step': must be a step in [0, "
                           f"trainer.max_steps={cfg.trainer.max_steps}), got {step}",
                           file=where, key="trainer.memory_snapshot_step")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise RecipeError(f"{where}: key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}",
-                          file=where, key="lora.dropout")
+
+
+def _sections(schema: type | None = None, prefix: str = "") -> dict[type, str]:
+    """{section class: its key prefix}, e.g. {OptimConfig: 'optim.', RecipeConfig: ''}."""
+    schema = schema or RecipeConfig
+    out = {schema: prefix}
+    for name, tp in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_sections(tp, f"{prefix}{name}."))
+    return out
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
@@ -364,9 +380,12 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         raise RecipeError(f"{where}: missing required value for {noun} {keys} (give it as {missing[0]}=...)",
                           file=where, key=missing[0])
     try:
-        obj = OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)  # builds the dataclasses: each section checks its fields
     except OmegaConfBaseException as e:  # e.g. a broken ${interpolation}
         raise _explain(e, where) from e
+    except SettingError as e:
+        key = _sections().get(e.owner, "") + e.field
+        raise RecipeError(f"{where}: key '{key}': {e}", file=where, key=key) from e
     _validate(obj, where)
     return obj
 

@@ -135,7 +135,8 @@ def test_recipe_resolution(tmp_path, monkeypatch):
     assert resolve_recipe(None) == RECIPES_DIR / "tiny.yaml"
     assert resolve_recipe("pretrain/llama_60m") == resolve_recipe("pretrain/llama_60m.yaml")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text("trainer:\n  max_steps: 3\n")
+    # (rank 16: the schema's default rank 256 is larger than the tiny model's 128 x 128 matrices)
+    (tmp_path / "tiny.yaml").write_text("trainer:\n  max_steps: 3\nqgalore:\n  rank: 16\n")
     assert load_recipe("tiny.yaml").trainer.max_steps == 3  # an existing path wins over the bundled name
 
 

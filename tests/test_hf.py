@@ -289,7 +289,8 @@ def test_grouped_query_attention_in_qgl_llama_export_and_plan(tmp_path):
         torch.testing.assert_close(reloaded(x).logits, ref, atol=1e-4, rtol=1e-4)
     # The planner reads num_key_value_heads from an HF directory: k/v projections of [kv * hd, h].
     hf_dir = tiny_llama_dir(tmp_path / "hf")
-    cfg = load_recipe("finetune/llama_hf_sft", [f"model.hf_path={hf_dir}", "data.source=x.jsonl"])
+    cfg = load_recipe("finetune/llama_hf_sft", [f"model.hf_path={hf_dir}", "data.source=x.jsonl",
+                                                "qgalore.rank=8"])
     _, config = model_config(cfg)
     hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir)
     assert config.num_kv_heads == 2

@@ -248,7 +248,7 @@ def test_bad_input():
         GaLoreProjector((4, 5, 6), 2)
     with pytest.raises(ValueError, match="2-D"):
         GaLoreProjector((64,), 2)
-    with pytest.raises(ValueError, match=r"unknown svd method 'lanczos'.*full.*randomized"):
+    with pytest.raises(ValueError, match=r"unknown svd.method 'lanczos'.*full.*randomized"):
         GaLoreProjector((64, 32), 4, svd_method="lanczos")
     proj = GaLoreProjector((64, 32), 4)
     with pytest.raises(RuntimeError, match="maybe_refresh"):

@@ -29,9 +29,10 @@ import warnings
 import torch
 from torch import Tensor
 
+from qgl.optim.settings import OPTIM_BITS, QGALORE
 from qgl.quant.blockwise8 import dequantize_blockwise, dynamic_map, quantize_blockwise
 
-MIN_8BIT_SIZE = 4096
+MIN_8BIT_SIZE: int = QGALORE["min_8bit_size"]
 """Default size under which tensors keep fp32 moments (bitsandbytes' `min_8bit_size`)."""
 
 BLOCK_8BIT = 256
@@ -56,8 +57,8 @@ def init_moments(
     shape: tuple[int, ...], device: torch.device, bits: int, min_8bit_size: int = MIN_8BIT_SIZE
 ) -> dict[str, Tensor]:
     """Zero moments for a gradient of `shape`: fp32 tensors, or uint8 codes + fp32 block absmax."""
-    if bits not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32, got {bits}")
+    if bits not in OPTIM_BITS:
+        raise ValueError(f"optim_bits must be one of {OPTIM_BITS}, got {bits}")
     numel = math.prod(shape)
     if bits == 32 or numel < min_8bit_size:
         zeros = lambda: torch.zeros(shape, dtype=torch.float32, device=device)

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-OFFLOAD_MODES = ("cpu", "paged")
+from qgl.optim import settings
+
+OFFLOAD_MODES = tuple(m for m in settings.OFFLOAD_MODES if m is not None)  # ("cpu", "paged")
 PAGED_MIN_NUMEL = 100_000
 """bitsandbytes pages optimizer states of at least 1e5 elements (`Optimizer8bit.get_state_buffer`)."""
 _CODES = ("exp_avg_codes", "exp_avg_sq_codes")

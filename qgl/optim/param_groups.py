@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from qgl.optim.qgalore_adamw import GALORE_DEFAULTS
+from qgl.optim.settings import QGALORE
 
 NO_DECAY = ("bias", "norm")
 
@@ -25,8 +26,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 def make_param_groups(
     model: nn.Module,
-    rank: int | None = 256,
-    target_modules: Sequence[str] = ("attn", "mlp"),
+    rank: int | None = QGALORE["rank"],
+    target_modules: Sequence[str] = QGALORE["target_modules"],
     exclude: Sequence[str] = (),
     weight_decay: float = 0.0,
     no_decay: Sequence[str] = NO_DECAY,

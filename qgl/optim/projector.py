@@ -35,7 +35,9 @@ from torch import Tensor
 
 from qgl.kernels.mm16 import mm16
 from qgl.optim.refresh import AdaptiveRefresh
-from qgl.optim.svd import SVD_METHODS, top_singular_vectors
+from qgl.optim.settings import GALORE as _G
+from qgl.optim.settings import GaLoreSettings, check_value, rank_fits
+from qgl.optim.svd import top_singular_vectors
 from qgl.quant.int4 import Int4Tensor
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -57,21 +59,20 @@ class GaLoreProjector:
             (and a run resumed from a checkpoint) computes the same bases.
     """
 
-    def __init__(self, shape: tuple[int, int], rank: int, scale: float = 0.25, quantize: bool = True,
-                 group_size: int = 256, svd_method: str = "full", refresh: AdaptiveRefresh | None = None,
+    def __init__(self, shape: tuple[int, int], rank: int, scale: float = _G["scale"],
+                 quantize: bool = _G["proj_quant"], group_size: int = _G["proj_group_size"],
+                 svd_method: str = _G["svd_method"], refresh: AdaptiveRefresh | None = None,
                  seed: int = 0) -> None:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"GaLore projects 2-D gradients; got shape {shape}")
         m, n = shape
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        if rank > min(m, n):
-            raise ValueError(f"rank {rank} is larger than the matrix ({m} x {n})")
-        if svd_method not in SVD_METHODS:
-            raise ValueError(f"unknown svd method {svd_method!r}; choose one of {SVD_METHODS}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        # Ranges and choices: GaLoreSettings' (checked once there), under this constructor's names.
+        for field, name, value in (("rank", "rank", rank), ("scale", "scale", scale),
+                                   ("svd_method", "svd_method", svd_method),
+                                   ("proj_group_size", "group_size", group_size)):
+            check_value(GaLoreSettings, field, value, name)
+        rank_fits(rank, (m, n))
         self.shape: tuple[int, int] = (m, n)
         self.rank = int(rank)
         self.scale = float(scale)

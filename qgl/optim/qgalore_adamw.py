@@ -23,26 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qgl.optim.adam import MIN_8BIT_SIZE, adam_direction, adam_step_, init_moments, moments_nbytes
+from qgl.optim.adam import adam_direction, adam_step_, init_moments, moments_nbytes
 from qgl.optim.finite import NonFiniteFlags
 from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
+from qgl.optim.settings import GALORE, QGALORE, GaLoreSettings, OptimizerSettings, check_value, rank_fits
 
-GALORE_DEFAULTS: dict[str, Any] = dict(
-    rank=None,
-    update_proj_gap=200,
-    scale=0.25,
-    proj_quant=True,
-    proj_group_size=256,
-    adaptive=True,
-    cos_threshold=0.4,
-    gamma_proj=2.0,
-    queue_size=5,
-    max_gap=None,
-    svd_method="full",
-)
+# GaLore group keys and their defaults: `qgl.optim.settings.GaLoreSettings`' fields; rank None: plain AdamW.
+GALORE_DEFAULTS: dict[str, Any] = {**GALORE, "rank": None}
 
 
 def _sr_seed(seed: int, index: int, step: int) -> int:
@@ -80,8 +70,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        optim_bits: int = 8,
-        min_8bit_size: int = MIN_8BIT_SIZE,
+        optim_bits: int = QGALORE["optim_bits"],
+        min_8bit_size: int = QGALORE["min_8bit_size"],
         seed: int = 0,
         stochastic_rounding: bool = True,
         layerwise: bool = False,
@@ -100,8 +90,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        check_value(OptimizerSettings, "optim_bits", optim_bits)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -136,11 +125,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- set-up and names
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_value(OptimizerSettings, "optim_bits", group["optim_bits"])
+        check_value(OptimizerSettings, "min_8bit_size", group["min_8bit_size"])
         rank = group["rank"]
         if rank is None:
             return
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        # Every GaLore option, checked once here, at construction (not in the first backward hook).
+        GaLoreSettings(**{k: group[k] for k in GALORE_DEFAULTS})
         for p in group["params"]:
             name = self.param_name(p)
             if p.ndim != 2:
@@ -148,10 +139,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
                     f"GaLore group parameter {name} has shape {tuple(p.shape)}: only 2-D weights "
                     "can be projected; put it in a group with rank=None"
                 )
-            if rank > min(p.shape):
-                raise ValueError(
-                    f"rank {rank} is larger than the matrix {name} ({p.shape[0]} x {p.shape[1]})"
-                )
+            rank_fits(rank, tuple(p.shape), name)
 
     def param_name(self, p: Tensor) -> str:
         """The name given in the group's `names`, else `param<index>`."""

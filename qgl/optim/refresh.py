@@ -33,6 +33,9 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from qgl.optim.settings import GALORE as _G
+from qgl.optim.settings import GaLoreSettings
+
 
 class AdaptiveRefresh:
     """Refresh schedule and monitor of one projected layer.
@@ -41,19 +44,13 @@ class AdaptiveRefresh:
     `refresh_steps` (layer steps at which SVDs ran), `next_refresh`, `frozen`.
     """
 
-    def __init__(self, update_proj_gap: int = 200, adaptive: bool = True, cos_threshold: float = 0.4,
-                 gamma_proj: float = 2.0, queue_size: int = 5, max_gap: int | None = None,
+    def __init__(self, update_proj_gap: int = _G["update_proj_gap"], adaptive: bool = _G["adaptive"],
+                 cos_threshold: float = _G["cos_threshold"], gamma_proj: float = _G["gamma_proj"],
+                 queue_size: int = _G["queue_size"], max_gap: int | None = _G["max_gap"],
                  frozen_gap: int | None = None) -> None:
-        if int(update_proj_gap) != update_proj_gap or update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap must be an integer >= 1, got {update_proj_gap}")
-        if not 0.0 <= cos_threshold <= 1.0:
-            raise ValueError(f"cos_threshold must be in [0, 1], got {cos_threshold}")
-        if not gamma_proj >= 1.0:
-            raise ValueError(f"gamma_proj must be >= 1, got {gamma_proj}")
-        if int(queue_size) != queue_size or queue_size < 1:
-            raise ValueError(f"queue_size must be an integer >= 1, got {queue_size}")
-        if max_gap is not None and max_gap < update_proj_gap:
-            raise ValueError(f"max_gap ({max_gap}) must be >= update_proj_gap ({update_proj_gap})")
+        # Ranges and their combination: GaLoreSettings' (the other fields at their defaults).
+        GaLoreSettings(update_proj_gap=update_proj_gap, adaptive=adaptive, cos_threshold=cos_threshold,
+                       gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap)
         if frozen_gap is not None and frozen_gap < 1:
             raise ValueError(f"frozen_gap must be >= 1, got {frozen_gap}")
         self.update_proj_gap = int(update_proj_gap)

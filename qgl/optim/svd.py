@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SVD_METHODS = ("full", "randomized")
+from qgl.optim.settings import SVD_METHODS  # defined once, with the other choices
+
 SIDES = ("right", "left")
 
 

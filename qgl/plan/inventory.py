@@ -10,12 +10,14 @@ formats of docs/internals.md; the tests check them against built tensors, exactl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from qgl.models.llama import LlamaConfig, LlamaForCausalLM
 from qgl.optim.adam import BLOCK_8BIT, MIN_8BIT_SIZE, plain_chunk
+from qgl.optim.settings import rank_fits
 from qgl.plan.settings import PlanError, PlanSettings
 from qgl.quant import blockwise8
 
@@ -68,6 +70,41 @@ class Inventory:
         return [self.params[i] for i in self.update_order] if self.update_order else list(self.params)
 
 
+def linear_shapes(config: LlamaConfig) -> list[tuple[str, tuple[int, int]]]:
+    """(module name, weight shape) of every linear of `LlamaForCausalLM(config)`, from one block built on
+    the meta device (fast: a 7B model's 32 blocks are not built)."""
+    from qgl.models.llama import Block
+
+    with torch.device("meta"):
+        block = Block(replace(config, activation_checkpointing=False))
+    inner = [(n, tuple(m.weight.shape)) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [(f"blocks.{i}.{n}", shape) for i in range(config.num_layers) for n, shape in inner]
+    if not config.tie_embeddings:  # a tied head's weight is the embedding's (never projected)
+        shapes.append(("lm_head", (config.vocab_size, config.hidden_size)))
+    return shapes
+
+
+def galore_problem(config: LlamaConfig, rank: int, target_modules: Sequence[str],
+                   exclude: Sequence[str]) -> tuple[str, str] | None:
+    """(field, one line) if GaLore at `rank` cannot train `config` (no linear matched, or a rank larger
+    than a projected matrix), as `make_param_groups` and `QGaLoreAdamW` would refuse; else None."""
+    from qgl.optim.param_groups import _matches
+    from qgl.optim.settings import SettingError, rank_fits
+
+    shapes = linear_shapes(config)
+    chosen = [(n, s) for n, s in shapes if _matches(n, target_modules) and not _matches(n, exclude)]
+    if not chosen:
+        return "target_modules", (f"no linear module matches target_modules={list(target_modules)} "
+                                  f"(exclude={list(exclude)}); linear modules are e.g. "
+                                  f"{[n for n, _ in shapes[:7]]}")
+    name, shape = min(chosen, key=lambda c: min(c[1]))
+    try:
+        rank_fits(rank, shape, f"{name}.weight")
+    except SettingError as e:
+        return "rank", str(e)
+    return None
+
+
 def inventory(config: LlamaConfig, s: PlanSettings) -> Inventory:
     """Every trainable parameter of `LlamaForCausalLM(config)` after the run's surgery and grouping."""
     from qgl.nn import quantize_model
@@ -85,6 +122,10 @@ def inventory(config: LlamaConfig, s: PlanSettings) -> Inventory:
         else:
             groups = [dict(params=list(model.parameters()), names=[n for n, _ in model.named_parameters()],
                            rank=None)]
+        for g in groups:  # what QGaLoreAdamW refuses: a rank larger than a projected matrix
+            for p, name in zip(g["params"], g["names"], strict=True):
+                if g["rank"] is not None:
+                    rank_fits(g["rank"], tuple(p.shape), name)
     except ValueError as e:
         raise PlanError(str(e).splitlines()[0]) from e
     linear = {f"{n}.weight" for n, m in model.named_modules()

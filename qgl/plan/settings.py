@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgl.models.llama import LLAMA_CONFIGS, LlamaConfig
+from qgl.optim.settings import OFFLOAD_MODES, QGALORE, QGaLoreSettings, SettingError, check_value
 
 if TYPE_CHECKING:
     from qgl.config import RecipeConfig
@@ -22,8 +23,13 @@ PRECISIONS: dict[str, tuple[int, int, bool]] = {
     "bf16-true": (2, 2, False), "16-true": (2, 2, False),
 }
 OPTIMIZERS = ("qgalore", "adamw")
-OFFLOADS = (None, "cpu", "paged")
+OFFLOADS = OFFLOAD_MODES
 PLANNABLE_METHODS = ("qgalore", "galore", "full", "adamw")  # recipe methods (qgl.config.METHODS)
+
+
+_Q = QGALORE
+_SHARED = ("layerwise", "offload", "rank", "target_modules", "exclude", "quantize_weights", "group_size",
+           "symmetric", "proj_quant", "proj_group_size", "svd_method", "optim_bits", "min_8bit_size")
 
 
 class PlanError(ValueError):
@@ -57,30 +63,34 @@ class PlanSettings:
     checkpointing: bool = False
     precision: str = "bf16-mixed"
     optimizer: str = "qgalore"
-    layerwise: bool = True
-    offload: str | None = None
-    rank: int = 256
-    target_modules: tuple[str, ...] = ("attn", "mlp")
-    exclude: tuple[str, ...] = ("lm_head",)
-    quantize_weights: bool = True
-    group_size: int = 256
-    symmetric: bool = True
-    proj_quant: bool = True
-    proj_group_size: int = 256
-    svd_method: str = "full"
-    optim_bits: int = 8
-    min_8bit_size: int = 4096
+    # The Q-GaLore settings: QGaLoreSettings' fields and defaults (`_Q`), checked by its checks.
+    layerwise: bool = _Q["layerwise"]
+    offload: str | None = _Q["offload"]
+    rank: int = _Q["rank"]
+    target_modules: tuple[str, ...] = _Q["target_modules"]
+    exclude: tuple[str, ...] = _Q["exclude"]
+    quantize_weights: bool = _Q["quantize_weights"]
+    group_size: int = _Q["group_size"]
+    symmetric: bool = _Q["symmetric"]
+    proj_quant: bool = _Q["proj_quant"]
+    proj_group_size: int = _Q["proj_group_size"]
+    svd_method: str = _Q["svd_method"]
+    optim_bits: int = _Q["optim_bits"]
+    min_8bit_size: int = _Q["min_8bit_size"]
     fused_8bit: bool = True
 
     def __post_init__(self) -> None:
-        for name, choices in (("precision", tuple(PRECISIONS)), ("optimizer", OPTIMIZERS),
-                              ("offload", OFFLOADS), ("svd_method", ("full", "randomized")),
-                              ("optim_bits", (8, 32))):
+        for name, choices in (("precision", tuple(PRECISIONS)), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise PlanError(f"{name}={getattr(self, name)!r} is not one of {choices}")
-        for name in ("batch_size", "seq_len", "accumulate", "rank", "group_size", "proj_group_size"):
+        for name in ("batch_size", "seq_len", "accumulate"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            for name in _SHARED:
+                check_value(QGaLoreSettings, name, getattr(self, name))
+        except SettingError as e:
+            raise PlanError(str(e)) from e
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
