@@ -252,6 +252,10 @@ def test_hf_path_hub_id_without_hub_is_one_clear_line(tmp_path, monkeypatch):
         load_hf_causal_lm("nobody/no-such-model")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_hf_causal_lm(str(tmp_path / "missing"))
+    from qgl.data.tokenizer import get_tokenizer
+
+    with pytest.raises(OSError, match=r"tokenizer 'nobody/no-such-model': not a local directory"):
+        get_tokenizer("nobody/no-such-model")  # the tokenizer follows model.hf_path by default
 
 
 def test_load_quantized_hf_layer_by_layer(tmp_path):
