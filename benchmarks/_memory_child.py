@@ -146,6 +146,8 @@ def trace_updates(opt: torch.optim.Optimizer, records: list[Record], step: list[
         records.append((step[0], f"after {name}", torch.cuda.max_memory_allocated()))
 
     opt.update_param = update_param
+    if getattr(opt, "layerwise", None) is not None:
+        opt.layerwise.update = update_param  # the hooks call the callable they were given
 
 
 def locate_peak(records: list[Record], peak: int) -> str | None:

@@ -42,7 +42,8 @@ import torch
 from _public_int8 import int8_modules, is_int8_weight, to_int8  # benchmarks/ is on sys.path
 from torch.optim import Optimizer
 
-from qgl.callbacks.methods import OptimizerSwap
+from qgl.callbacks._lightning_private import should_accumulate
+from qgl.callbacks.swap import OptimizerSwap
 from qgl.optim import make_param_groups
 
 # package -> (import name, module of its 8-bit GaLore AdamW, class there), exported as
@@ -308,9 +309,9 @@ class PublicGaLoreCallback(OptimizerSwap):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.optimizer.defer = trainer.fit_loop._should_accumulate()
+        self.optimizer.defer = should_accumulate(trainer)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
+    def restore_module(self, pl_module: Any) -> None:  # at teardown and on_exception
+        super().restore_module(pl_module)
         if isinstance(self.optimizer, PublicDriver):
             self.optimizer.remove_hooks()

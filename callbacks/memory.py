@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import psutil
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
+from qgl.callbacks._lightning_private import should_accumulate
 from qgl.callbacks.memory_snapshot import StepSnapshot
 from qgl.nn import quantized_modules
 
@@ -24,8 +25,8 @@ class MemoryMonitor(Callback):
     """Measure the peak memory of every optimizer step and split it into parts.
 
     On CUDA the peak is `torch.cuda.max_memory_allocated` over the step (reset at its start); on
-    CPU it is the process's peak resident set size (`resource.getrusage`; the current RSS comes
-    from `/proc/self/statm`), which also counts the interpreter and libraries. The parts:
+    CPU it is the process's peak resident set size (`getrusage` on POSIX, psutil's `peak_wset` on
+    Windows; the current RSS comes from psutil), which also counts the interpreter and libraries. The parts:
     `int8_weights` (the buffers of `qgl.nn.QLinear`s), `params` (other parameters, each storage
     once: a QLinear's gradient carrier costs one element), `buffers` (other buffers),
     `optimizer_moments` and `projections` (`optimizer.state_nbytes()`; other optimizers: the bytes
@@ -77,7 +78,7 @@ class MemoryMonitor(Callback):
         self.kind = "cuda" if cuda else "rss"
         peak = torch.cuda.max_memory_allocated(pl_module.device) if cuda else _peak_rss()
         self._window_peak = max(self._window_peak, peak)  # over the micro-batches of one step
-        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+        if pl_module.automatic_optimization and should_accumulate(trainer):
             return
         if self.snapshot is not None and self.snapshot.recording:
             self._write_snapshot(pl_module.device)
@@ -179,12 +180,18 @@ def _human(nbytes: int) -> str:
 
 
 def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):  # Windows
+        return int(info.peak_wset)
+    try:
+        # psutil has no peak RSS on POSIX; `resource` exists there only (imported here, so that
+        # Windows can import qgl.callbacks).
+        import resource
+    except ImportError:
+        return int(info.rss)
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # no procfs (not Linux)
-        return _peak_rss()
+    return int(psutil.Process().memory_info().rss)

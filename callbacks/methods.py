@@ -21,93 +21,23 @@ The callbacks hold no algorithm: LoRA is `qgl.nn.apply_lora`, the optimizers are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.core.optimizer import (
-    _configure_optimizers,
-    _configure_schedulers_automatic_opt,
-    _configure_schedulers_manual_opt,
-    _validate_optimizers_attached,
-    _validate_scheduler_api,
-)
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
-from qgl.callbacks.qgalore import QGaLoreCallback, _wrap
+from qgl.callbacks.qgalore import QGaLoreCallback
+from qgl.callbacks.swap import OptimizerSwap, unwrap, wrap
 
 METHODS = ("full", "adamw8bit", "lora", "qlora", "galore", "qgalore")
 ALIASES = {"adamw": "full"}
 # What makes `galore` GaLore (Zhao et al., 2024) rather than Q-GaLore: float weights, float
 # projections, a fixed refresh gap. Rank, gap, scale, 8-bit moments and layer-wise updates: the recipe's.
 GALORE = {"quantize_weights": False, "proj_quant": False, "adaptive": False}
-
-Build = Callable[[Optimizer, torch.device], Optimizer]
-
-
-class OptimizerSwap(Callback):
-    """Replace the optimizer of the module's `configure_optimizers` by `build(optimizer, device)`.
-
-    The module's optimizer (exactly one) is built as written and never stepped: its LR schedulers
-    keep driving its lr, which is copied into the new optimizer's groups before every batch (a new
-    group takes the lr of the module's group `group["user_group"]`, default 0). That optimizer's
-    state (its lr) is saved in this callback's state, so a resumed run continues the schedule.
-    """
-
-    def __init__(self, build: Build) -> None:
-        self.build = build
-        self.optimizer: Optimizer | None = None
-        self.user_optimizer: Optimizer | None = None
-        self._scheduler_configs: list[Any] = []
-        self._loaded_user_optimizer: dict[str, Any] | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
-        if stage == "fit":
-            device = trainer.strategy.root_device
-            _wrap(pl_module, "configure_optimizers", lambda user: self._configure(pl_module, device, user()))
-
-    def _configure(self, pl_module: pl.LightningModule, device: torch.device, conf: Any) -> dict[str, Any]:
-        optimizers, schedulers, monitor = _configure_optimizers(conf)
-        if len(optimizers) != 1:
-            raise ValueError(f"{type(self).__name__} replaces one optimizer; configure_optimizers returned "
-                             f"{len(optimizers)}")
-        user = optimizers[0]
-        if pl_module.automatic_optimization:
-            configs = _configure_schedulers_automatic_opt(schedulers, monitor)
-        else:
-            configs = _configure_schedulers_manual_opt(schedulers)
-        _validate_optimizers_attached([user], configs)
-        _validate_scheduler_api(configs, pl_module)
-        if self._loaded_user_optimizer is not None:  # resuming: the lr its schedulers had set
-            user.load_state_dict(self._loaded_user_optimizer)
-            self._loaded_user_optimizer = None
-        user._opt_called = True  # type: ignore[attr-defined]  # never stepped: no scheduler warning
-        self.optimizer = self.build(user, device)
-        self.user_optimizer, self._scheduler_configs = user, configs
-        return {"optimizer": self.optimizer}  # the schedulers join in on_fit_start
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.strategy.lr_scheduler_configs.extend(self._scheduler_configs)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        user_groups = self.user_optimizer.param_groups
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(user_groups[group.get("user_group", 0)]["lr"])
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(pl_module.__dict__.get("configure_optimizers"), "_qgl_user", None) is not None:
-            del pl_module.__dict__["configure_optimizers"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"user_optimizer": None if self.user_optimizer is None else self.user_optimizer.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_user_optimizer = state_dict.get("user_optimizer")
-
 
 def same_groups(user: Optimizer) -> list[dict[str, Any]]:
     """The module optimizer's groups (trainable parameters only; empty groups dropped), each with
@@ -128,10 +58,11 @@ class AdamW8bitCallback(OptimizerSwap):
     to the host under pressure); off CUDA paging does not exist and `AdamW8bit` is used."""
 
     def __init__(self, paged: bool = False, min_8bit_size: int = 4096) -> None:
-        super().__init__(self._build)
+        super().__init__()
         self.paged, self.min_8bit_size = paged, min_8bit_size
 
-    def _build(self, user: Optimizer, device: torch.device) -> Optimizer:
+    def build_optimizer(self, pl_module: pl.LightningModule, user: Optimizer,
+                        device: torch.device) -> Optimizer:
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if self.paged and device.type == "cuda" else bnb.optim.AdamW8bit
@@ -160,7 +91,8 @@ class LoRACallback(Callback):
             check_4bit(device)
         self._apply(pl_module, device)
         if is_overridden("configure_model", pl_module):  # layers built there (after setup) too
-            _wrap(pl_module, "configure_model", lambda user: (user(), self._apply(pl_module, device)))
+            wrap(pl_module, "configure_model", lambda user: (user(), self._apply(pl_module, device)),
+                 once=True)
 
     def _apply(self, pl_module: pl.LightningModule, device: torch.device) -> None:
         from qgl.nn import apply_lora
@@ -168,8 +100,11 @@ class LoRACallback(Callback):
         apply_lora(pl_module, **self.config, device=device)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(pl_module.__dict__.get("configure_model"), "_qgl_user", None) is not None:
-            del pl_module.__dict__["configure_model"]
+        unwrap(pl_module, "configure_model")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        unwrap(pl_module, "configure_model")
 
     def state_dict(self) -> dict[str, Any]:
         # Saved so that `qgl export` can merge the adapters of a checkpoint (it needs alpha).

@@ -5,7 +5,7 @@
 
 At `setup` the callback checks that the run can combine with Q-GaLore, quantizes the chosen
 `nn.Linear`s in place (`qgl.nn.quantize_model`, before Lightning restores a checkpoint, so INT8
-buffers load into the quantized structure) and wraps the module's `configure_optimizers`: the
+buffers load into the quantized structure). It is an `OptimizerSwap` (`callbacks/swap.py`): the
 user's optimizer is built, its lr, betas, eps and weight decay are kept, and `QGaLoreAdamW` takes
 its place. The user's LR schedulers are kept as they are, bound to the user's optimizer; the
 callback copies that optimizer's lr into every QGaLoreAdamW group before each batch.
@@ -14,24 +14,18 @@ callback copies that optimizer's lr into every QGaLoreAdamW group before each ba
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch import Callback
-from lightning.pytorch.core.optimizer import (
-    _configure_optimizers,
-    _configure_schedulers_automatic_opt,
-    _configure_schedulers_manual_opt,
-    _validate_optimizers_attached,
-    _validate_scheduler_api,
-)
+import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
 
+from qgl.callbacks._lightning_private import should_accumulate
+from qgl.callbacks.swap import OptimizerSwap, unwrap, wrap
 from qgl.optim import QGaLoreAdamW, make_param_groups
 from qgl.optim.settings import GALORE, QGALORE, QGaLoreSettings
 
@@ -41,7 +35,7 @@ _GALORE_OPTIONS = tuple(k for k in GALORE if k != "rank")
 _D = QGALORE  # QGaLoreSettings' defaults
 
 
-class QGaLoreCallback(Callback):
+class QGaLoreCallback(OptimizerSwap):
     """Train any LightningModule with Q-GaLore (INT8 weights, INT4 projections, 8-bit Adam).
 
     Args:
@@ -107,10 +101,8 @@ class QGaLoreCallback(Callback):
         chosen = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in dataclasses.asdict(self.settings).items()}
         self.config: dict[str, Any] = {**chosen, "seed": seed, "subspace_monitor": subspace_monitor}
+        super().__init__()
         self.optimizer: QGaLoreAdamW | None = None
-        self.user_optimizer: Optimizer | None = None
-        self._scheduler_configs: list[LRSchedulerConfig] = []
-        self._loaded_user_optimizer: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -131,10 +123,8 @@ class QGaLoreCallback(Callback):
                     user()
                     self._quantize(pl_module)
 
-                _wrap(pl_module, "configure_model", configure_model)
-        if stage == "fit":
-            _wrap(pl_module, "configure_optimizers",
-                  lambda user: self._configure_optimizers(pl_module, user()))
+                wrap(pl_module, "configure_model", configure_model, once=True)
+        super().setup(trainer, pl_module, stage)  # the optimizer swap
 
     def _check_combination(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
@@ -168,36 +158,23 @@ class QGaLoreCallback(Callback):
 
     # ------------------------------------------------------------------ the optimizer swap
 
-    def _configure_optimizers(self, pl_module: pl.LightningModule, user_conf: Any) -> dict[str, Any]:
-        """Build QGaLoreAdamW from the user's `configure_optimizers` output (see the class docstring)."""
-        optimizers, schedulers, monitor = _configure_optimizers(user_conf)
-        if len(optimizers) != 1:
-            raise ValueError(f"QGaLoreCallback replaces one optimizer; configure_optimizers returned "
-                             f"{len(optimizers)}. Return a single optimizer")
-        user = optimizers[0]
+    def check_user_optimizer(self, pl_module: pl.LightningModule, user: Optimizer) -> None:
+        """One param group over every trainable parameter (see the class docstring)."""
         if len(user.param_groups) != 1:
             raise ValueError(
                 f"QGaLoreCallback builds its own param groups (projected weights, decayed and non-decayed "
                 f"parameters); the optimizer has {len(user.param_groups)}. Return one with a single group, "
                 "e.g. torch.optim.AdamW(self.parameters(), lr=..., weight_decay=...)")
-        if pl_module.automatic_optimization:
-            configs = _configure_schedulers_automatic_opt(schedulers, monitor)
-        else:
-            configs = _configure_schedulers_manual_opt(schedulers)
-        _validate_optimizers_attached([user], configs)
-        _validate_scheduler_api(configs, pl_module)
         covered = {id(p) for p in user.param_groups[0]["params"]}
         missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"the optimizer leaves out {len(missing)} trainable parameters "
                              f"({missing[:3]}...); QGaLoreCallback optimizes every trainable parameter: "
                              "set requires_grad=False on the ones to freeze")
-        if self._loaded_user_optimizer is not None:  # resuming: the lr the schedulers had set
-            user.load_state_dict(self._loaded_user_optimizer)
-            self._loaded_user_optimizer = None
-        # Never stepped: tell torch's schedulers not to warn that they step before their optimizer.
-        user._opt_called = True  # type: ignore[attr-defined]
 
+    def build_optimizer(self, pl_module: pl.LightningModule, user: Optimizer,
+                        device: torch.device) -> QGaLoreAdamW:
+        """QGaLoreAdamW with the user's lr, betas, eps and weight decay (see the class docstring)."""
         c, group = self.config, user.param_groups[0]
         kept = dict(lr=float(group["lr"]), eps=group.get("eps", 1e-8),
                     weight_decay=group.get("weight_decay", 0.0))
@@ -208,41 +185,21 @@ class QGaLoreCallback(Callback):
                            "weight_decay, betas take QGaLoreAdamW's defaults")
         groups = make_param_groups(pl_module, c["rank"], c["target_modules"], c["exclude"],
                                    weight_decay=kept["weight_decay"], **{k: c[k] for k in _GALORE_OPTIONS})
-        self.optimizer = QGaLoreAdamW(groups, **kept, optim_bits=c["optim_bits"],
-                                      min_8bit_size=c["min_8bit_size"], seed=c["seed"],
-                                      layerwise=c["layerwise"], layerwise_clip_norm=c["layerwise_clip_norm"],
-                                      offload=c["offload"])
-        self.user_optimizer, self._scheduler_configs = user, configs
-        # Lightning refuses schedulers bound to an optimizer it was not given: they join in on_fit_start.
-        return {"optimizer": self.optimizer}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After Lightning set up the optimizers, before it restores their (and the schedulers') state.
-        if trainer.optimizers[0] is not self.optimizer:
-            raise RuntimeError("QGaLoreCallback: the trainer's optimizer is not the QGaLoreAdamW it built; "
-                               "was configure_optimizers replaced after setup?")
-        trainer.strategy.lr_scheduler_configs.extend(self._scheduler_configs)
+        return QGaLoreAdamW(groups, **kept, optim_bits=c["optim_bits"], min_8bit_size=c["min_8bit_size"],
+                            seed=c["seed"], layerwise=c["layerwise"],
+                            layerwise_clip_norm=c["layerwise_clip_norm"], offload=c["offload"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        lr = float(self.user_optimizer.param_groups[0]["lr"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the user's lr, every group
         if self.optimizer.layerwise is not None:
             # Micro-batches inside an accumulation window sum into .grad; the last one's hooks step.
-            self.optimizer.layerwise.defer = trainer.fit_loop._should_accumulate()
+            self.optimizer.layerwise.defer = should_accumulate(trainer)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name in ("configure_optimizers", "configure_model"):
-            if getattr(pl_module.__dict__.get(name), "_qgl_user", None) is not None:
-                del pl_module.__dict__[name]
-        self._remove_hooks()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
+    def restore_module(self, pl_module: pl.LightningModule) -> None:
+        """Called at teardown and on_exception: the module's own methods back, no backward hooks left."""
+        super().restore_module(pl_module)
+        unwrap(pl_module, "configure_model")
         # A later fit builds a new optimizer; this one's backward hooks must not step the weights too.
         if self.optimizer is not None and self.optimizer.layerwise is not None:
             self.optimizer.layerwise.remove()
@@ -250,8 +207,7 @@ class QGaLoreCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        user = None if self.user_optimizer is None else self.user_optimizer.state_dict()
-        return {"config": dict(self.config), "user_optimizer": user}
+        return {"config": dict(self.config), **super().state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["config"]
@@ -266,24 +222,12 @@ class QGaLoreCallback(Callback):
             rank_zero_warn(f"resuming with other QGaLoreCallback settings (checkpoint, now): {changed}; "
                            "the projected groups keep the checkpoint's GaLore options (saved in the "
                            "optimizer state)")
-        self._loaded_user_optimizer = state_dict.get("user_optimizer")
+        super().load_state_dict(state_dict)
 
 
 def _listed(patterns: Sequence[str]) -> Any:
     # A lone string stays a string, so that the schema refuses it (list("attn") would be 4 patterns).
     return patterns if isinstance(patterns, str) else list(patterns)
-
-
-def _wrap(pl_module: pl.LightningModule, name: str, body: Callable[[Callable[[], Any]], Any]) -> None:
-    """Replace the instance's method `name` by `lambda: body(user_method)`, once (teardown removes it)."""
-    current = getattr(pl_module, name)
-    user = getattr(current, "_qgl_user", current)
-
-    def wrapper() -> Any:
-        return body(user)
-
-    wrapper._qgl_user = user  # type: ignore[attr-defined]
-    object.__setattr__(pl_module, name, wrapper)
 
 
 def _add_subspace_monitor(trainer: pl.Trainer) -> None:

@@ -11,6 +11,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from qgl.callbacks._lightning_private import should_accumulate
+
 _MAX_COLUMNS = 400  # heatmap columns; longer runs are binned
 
 
@@ -49,7 +51,7 @@ class SubspaceMonitor(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+        if pl_module.automatic_optimization and should_accumulate(trainer):
             return  # no optimizer step on this micro-batch
         optimizer = self._optimizer(trainer)
         if optimizer is None:

@@ -1,8 +1,11 @@
 """qgl.kernels: the quantization kernels, each a Triton kernel on CUDA and a plain-torch reference elsewhere.
 
 Every public function here dispatches per call (``_dispatch.use_triton``): Triton for CUDA tensors
-unless ``QGL_DISABLE_TRITON=1``, the ``*_ref`` reference otherwise. The formats are those of
-docs/internals.md: groups of ``group_size`` consecutive elements of the row-major flattening,
+unless ``QGL_DISABLE_TRITON=1``, the ``*_ref`` reference otherwise. Each imports its Triton function
+by name inside the ``if use_triton(...)`` branch (grep the name to find its one caller), so that
+``import qgl.kernels`` never imports triton: CPU installs may lack it. Every entry point checks its
+arguments here, once; the reference and the Triton wrapper they call trust them. The formats are
+those of docs/internals.md: groups of ``group_size`` consecutive elements of the row-major flattening,
 ``n_groups = ceil(numel / group_size)``, fp32 scales and zero points.
 """
 
@@ -13,8 +16,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._dispatch import pick, use_triton
+from ._dispatch import use_triton
+from ._groups import check_float_dtype, check_packed
 from .int4_ref import (
+    check_dequantize_int4,
+    check_int4_projection,
+    check_pack_int4,
+    check_quantize_int4,
     dequantize_int4_ref,
     int4_project_back_ref,
     int4_project_ref,
@@ -22,8 +30,15 @@ from .int4_ref import (
     quantize_int4_ref,
     unpack_int4_ref,
 )
-from .int8_ref import dequantize_int8_ref, int8_update_ref, quantize_int8_ref
-from .w8a16_ref import w8a16_grad_input_ref, w8a16_linear_ref
+from .int8_ref import (
+    check_dequantize_int8,
+    check_int8_update,
+    check_quantize_int8,
+    dequantize_int8_ref,
+    int8_update_ref,
+    quantize_int8_ref,
+)
+from .w8a16_ref import check_w8a16, w8a16_grad_input_ref, w8a16_linear_ref
 
 __all__ = [
     "use_triton",
@@ -54,7 +69,12 @@ def quantize_int8(
     ``zero`` is None iff ``symmetric``. Symmetric: ``w ~= q * scale``, q in -127..127;
     asymmetric: ``w ~= (q - zero) * scale``, q in -128..127, ``zero`` unrounded and unclamped.
     """
-    return pick(w, "int8", "quantize_int8", quantize_int8_ref)(w, group_size, symmetric)
+    check_quantize_int8(w, group_size)
+    if use_triton(w):
+        from .int8_triton import quantize_int8_triton
+
+        return quantize_int8_triton(w, group_size, symmetric)
+    return quantize_int8_ref(w, group_size, symmetric)
 
 
 def dequantize_int8(
@@ -64,7 +84,12 @@ def dequantize_int8(
 
     ``q int8 [*shape]``, ``scale``/``zero`` fp32 ``[n_groups]`` -> ``dtype [*shape]``.
     """
-    return pick(q, "int8", "dequantize_int8", dequantize_int8_ref)(q, scale, zero, group_size, dtype)
+    check_dequantize_int8(q, scale, zero, group_size, dtype)
+    if use_triton(q):
+        from .int8_triton import dequantize_int8_triton
+
+        return dequantize_int8_triton(q, scale, zero, group_size, dtype)
+    return dequantize_int8_ref(q, scale, zero, group_size, dtype)
 
 
 def int8_update_(
@@ -77,8 +102,13 @@ def int8_update_(
     stochastic rounding draws its uniforms from a generator keyed by ``seed`` (same seed, same
     bits on the same implementation and device). Non-finite ``delta`` is the caller's problem.
     """
-    impl = pick(q, "int8", "int8_update", int8_update_ref)
-    impl(q, scale, zero, delta, decay, group_size, seed)
+    check_int8_update(q, scale, zero, delta, group_size)
+    if use_triton(q):
+        from .int8_triton import int8_update_triton
+
+        int8_update_triton(q, scale, zero, delta, decay, group_size, seed)
+        return
+    int8_update_ref(q, scale, zero, delta, decay, group_size, seed)
 
 
 # --- INT4 projections ----------------------------------------------------------------------------
@@ -90,7 +120,12 @@ def quantize_int4(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor, Ten
     Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])`` with
     ``p ~= (q - zero) * scale``, q in 0..15, two codes a byte (element 2k in the low nibble).
     """
-    return pick(p, "int4", "quantize_int4", quantize_int4_ref)(p, group_size)
+    check_quantize_int4(p, group_size)
+    if use_triton(p):
+        from .int4_format_triton import quantize_int4_triton
+
+        return quantize_int4_triton(p, group_size)
+    return quantize_int4_ref(p, group_size)
 
 
 def dequantize_int4(
@@ -105,18 +140,32 @@ def dequantize_int4(
 
     ``packed uint8 [ceil(numel / 2)]``, ``scale``/``zero`` fp32 ``[n_groups]`` -> ``dtype [*shape]``.
     """
-    impl = pick(packed, "int4", "dequantize_int4", dequantize_int4_ref)
-    return impl(packed, scale, zero, shape, group_size, dtype)
+    shape = check_dequantize_int4(packed, scale, zero, shape, group_size, dtype)
+    if use_triton(packed):
+        from .int4_format_triton import dequantize_int4_triton
+
+        return dequantize_int4_triton(packed, scale, zero, shape, group_size, dtype)
+    return dequantize_int4_ref(packed, scale, zero, shape, group_size, dtype)
 
 
 def pack_int4(q: Tensor) -> Tensor:
     """Pack uint8 codes 0..15 (any shape, row-major) two to a byte: -> ``uint8 [ceil(numel / 2)]``."""
-    return pick(q, "int4", "pack_int4", pack_int4_ref)(q)
+    check_pack_int4(q)
+    if use_triton(q):
+        from .int4_format_triton import pack_int4_triton
+
+        return pack_int4_triton(q)
+    return pack_int4_ref(q)
 
 
 def unpack_int4(packed: Tensor, numel: int) -> Tensor:
     """Unpack ``uint8 [ceil(numel / 2)]`` into ``uint8 [numel]`` codes 0..15."""
-    return pick(packed, "int4", "unpack_int4", unpack_int4_ref)(packed, numel)
+    check_packed(packed, numel)
+    if use_triton(packed):
+        from .int4_format_triton import unpack_int4_triton
+
+        return unpack_int4_triton(packed, numel)
+    return unpack_int4_ref(packed, numel)
 
 
 def int4_project(
@@ -127,8 +176,12 @@ def int4_project(
     ``side="right"``: P ``(r, n)``, returns ``g @ P^T`` ``(m, r)``; ``side="left"``: P ``(m, r)``,
     returns ``P^T @ g`` ``(r, n)``.
     """
-    impl = pick(g, "int4", "int4_project", int4_project_ref)
-    return impl(g, packed, scale, zero, p_shape, group_size, side)
+    p_shape = check_int4_projection(g, packed, scale, zero, p_shape, group_size, side, back=False)
+    if use_triton(g):
+        from .int4_triton import int4_project_triton
+
+        return int4_project_triton(g, packed, scale, zero, p_shape, group_size, side)
+    return int4_project_ref(g, packed, scale, zero, p_shape, group_size, side)
 
 
 def int4_project_back(
@@ -146,8 +199,13 @@ def int4_project_back(
 
     ``side="right"``: ``low (m, r) @ P (r, n)``; ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
-    impl = pick(low, "int4", "int4_project_back", int4_project_back_ref)
-    return impl(low, packed, scale, zero, p_shape, group_size, side, out_dtype)
+    check_float_dtype(out_dtype)
+    p_shape = check_int4_projection(low, packed, scale, zero, p_shape, group_size, side, back=True)
+    if use_triton(low):
+        from .int4_triton import int4_project_back_triton
+
+        return int4_project_back_triton(low, packed, scale, zero, p_shape, group_size, side, out_dtype)
+    return int4_project_back_ref(low, packed, scale, zero, p_shape, group_size, side, out_dtype)
 
 
 def int4_dense_basis(
@@ -157,8 +215,12 @@ def int4_dense_basis(
     a gradient like ``like`` on its device, or None where they do not decode it (the references on
     CPU, the fused kernel, fp16 gradients). ``mm16`` with it gives those functions' results exactly.
     """
-    impl = pick(like, "int4", "dense_basis", None)
-    return None if impl is None else impl(packed, scale, zero, p_shape, group_size, like)
+    if use_triton(like):
+        p_shape = check_int4_projection(like, packed, scale, zero, p_shape, group_size, None, back=False)
+        from .int4_triton import dense_basis_triton
+
+        return dense_basis_triton(packed, scale, zero, p_shape, group_size, like)
+    return None
 
 
 # --- INT8-weight linear ----------------------------------------------------------------------------
@@ -172,9 +234,19 @@ def w8a16_linear(
     W is dequantized in fp32 and rounded once to ``x.dtype``; the matmul and the result are in
     ``x.dtype`` (``bias`` is cast to it).
     """
-    return pick(x, "w8a16", "w8a16_linear", w8a16_linear_ref)(x, q, scale, zero, group_size, bias)
+    check_w8a16("x", x, q, scale, zero, group_size, 1)
+    if use_triton(x):
+        from .w8a16_triton import w8a16_linear_triton
+
+        return w8a16_linear_triton(x, q, scale, zero, group_size, bias)
+    return w8a16_linear_ref(x, q, scale, zero, group_size, bias)
 
 
 def w8a16_grad_input(dy: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
     """``dy @ dequant(W)``: ``dy [..., out]``, ``q int8 [out, in]`` -> ``dy.dtype [..., in]``."""
-    return pick(dy, "w8a16", "w8a16_grad_input", w8a16_grad_input_ref)(dy, q, scale, zero, group_size)
+    check_w8a16("dy", dy, q, scale, zero, group_size, 0)
+    if use_triton(dy):
+        from .w8a16_triton import w8a16_grad_input_triton
+
+        return w8a16_grad_input_triton(dy, q, scale, zero, group_size)
+    return w8a16_grad_input_ref(dy, q, scale, zero, group_size)

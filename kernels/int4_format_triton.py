@@ -17,13 +17,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ._groups import (
-    check_dtype,
-    check_float_dtype,
-    check_floating,
-    check_group_size,
-    check_packed,
-    check_shape,
-    check_stats,
     n_groups,
 )
 from .int4_ref import quantize_int4_ref
@@ -122,8 +115,6 @@ def quantize_int4_triton(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tens
     Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])``.
     Two launches (group statistics, then codes and packing): P is small and stays in L2.
     """
-    check_group_size(group_size)
-    check_floating("p", p)
     check_device(p)
     check_numel(p.numel())
     if group_size > MAX_TILE_GROUP:
@@ -153,14 +144,8 @@ def dequantize_int4_triton(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
-    check_group_size(group_size)
-    check_float_dtype(dtype)
-    dims = check_shape(shape)
+    dims = tuple(shape)
     numel = math.prod(dims)
-    check_packed(packed, numel)
-    if zero is None:
-        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
-    check_stats(numel, group_size, scale, zero)
     check_device(packed, scale, zero)
     check_numel(numel)
     out = _empty(dims, dtype=dtype, device=packed.device)
@@ -172,12 +157,9 @@ def dequantize_int4_triton(
 
 def pack_int4_triton(q: Tensor) -> Tensor:
     """Pack ``q: uint8`` codes in 0..15 (any shape, row-major) into ``uint8 [ceil(numel / 2)]``."""
-    check_dtype("q", q, torch.uint8)
     check_device(q)
     check_numel(q.numel())
     numel = q.numel()
-    if numel and int(q.max()) > 15:  # the reference's check (one device sync)
-        raise ValueError(f"q must hold 4-bit codes 0..15, found {int(q.max())}")
     n_bytes = (numel + 1) // 2
     out = _empty(n_bytes, dtype=torch.uint8, device=q.device)
     if numel:
@@ -187,7 +169,6 @@ def pack_int4_triton(q: Tensor) -> Tensor:
 
 def unpack_int4_triton(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_int4_triton`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
-    check_packed(packed, numel)
     check_device(packed)
     check_numel(numel)
     out = _empty(numel, dtype=torch.uint8, device=packed.device)

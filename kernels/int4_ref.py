@@ -30,6 +30,10 @@ from ._groups import (
 )
 
 __all__ = [
+    "check_pack_int4",
+    "check_quantize_int4",
+    "check_dequantize_int4",
+    "check_int4_projection",
     "quantize_int4_ref",
     "dequantize_int4_ref",
     "pack_int4_ref",
@@ -39,13 +43,59 @@ __all__ = [
 ]
 
 
+# --- argument checks: run once, by the public entry points of qgl.kernels --------------------------
+# The references below and the Triton wrappers (int4_format_triton.py, int4_triton.py) take checked
+# arguments: called directly, they trust their caller.
+
+
+def check_pack_int4(q: Tensor) -> None:
+    """``q`` uint8 codes in 0..15 (the range check reads ``q.max()``: one device sync)."""
+    check_dtype("q", q, torch.uint8)
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError(f"q must hold 4-bit codes 0..15, found {int(q.max())}")
+
+
+def check_quantize_int4(p: Tensor, group_size: int) -> None:
+    """A valid ``group_size`` and a floating ``p``."""
+    check_group_size(group_size)
+    check_floating("p", p)
+
+
+def check_dequantize_int4(
+    packed: Tensor, scale: Tensor, zero: Tensor, shape: Sequence[int], group_size: int, dtype: torch.dtype
+) -> tuple[int, ...]:
+    """Packed codes of ``shape``, fp32 scale and zero per group, a floating ``dtype``; returns the dims."""
+    check_group_size(group_size)
+    check_float_dtype(dtype)
+    dims = check_shape(shape)
+    numel = math.prod(dims)
+    if zero is None:
+        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
+    check_stats(numel, group_size, scale, zero)
+    check_packed(packed, numel)
+    return dims
+
+
+def check_int4_projection(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Sequence[int], group_size: int,
+    side: str | None, back: bool,
+) -> tuple[int, int]:
+    """A floating ``x`` (``g``, or ``low`` when ``back``) and a 2-D packed P whose shape fits ``x``
+    on ``side`` (None: not checked); returns P's dims."""
+    check_floating("low" if back else "g", x)
+    dims = check_shape(p_shape)
+    if len(dims) != 2:
+        raise ValueError(f"p_shape must be 2-D, got {dims}")
+    check_dequantize_int4(packed, scale, zero, dims, group_size, torch.float32)
+    if side is not None:
+        check_projection(side, x, dims, back=back)  # type: ignore[arg-type]
+    return dims  # type: ignore[return-value]
+
+
 def pack_int4_ref(q: Tensor) -> Tensor:
     """Pack ``q: uint8`` codes in 0..15 (any shape, row-major) into ``uint8 [ceil(numel / 2)]``."""
-    check_dtype("q", q, torch.uint8)
     flat = q.reshape(-1)
     numel = flat.numel()
-    if numel and int(flat.max()) > 15:
-        raise ValueError(f"q must hold 4-bit codes 0..15, found {int(flat.max())}")
     half = numel // 2
     packed = torch.empty(half + numel % 2, dtype=torch.uint8, device=q.device)
     pairs = flat[: 2 * half].view(half, 2)
@@ -57,7 +107,6 @@ def pack_int4_ref(q: Tensor) -> Tensor:
 
 def unpack_int4_ref(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_int4_ref`: ``packed uint8 [ceil(numel / 2)]`` -> ``uint8 [numel]``."""
-    check_packed(packed, numel)
     half = numel // 2
     out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
     pairs = out[: 2 * half].view(half, 2)
@@ -74,8 +123,6 @@ def quantize_int4_ref(p: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor,
     Returns ``(packed uint8 [ceil(numel / 2)], scale fp32 [n_groups], zero fp32 [n_groups])``;
     the shape is the caller's to keep. Computes in fp32; non-finite inputs are the caller's problem.
     """
-    check_group_size(group_size)
-    check_floating("p", p)
     g = n_groups(p.numel(), group_size)
     scale = torch.empty(g, dtype=torch.float32, device=p.device)
     zero = torch.empty(g, dtype=torch.float32, device=p.device)
@@ -102,13 +149,8 @@ def dequantize_int4_ref(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``(q - zero) * scale`` in fp32 from the packed codes, returned as ``dtype [*shape]``."""
-    check_group_size(group_size)
-    check_float_dtype(dtype)
-    dims = check_shape(shape)
+    dims = tuple(shape)
     numel = math.prod(dims)
-    if zero is None:
-        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
-    check_stats(numel, group_size, scale, zero)
     codes = unpack_int4_ref(packed, numel)
     out = torch.empty(dims, dtype=dtype, device=packed.device)
     dequantize_groups_(codes, scale, zero, group_size, out.view(-1))
@@ -116,10 +158,7 @@ def dequantize_int4_ref(
 
 
 def _dequantize_p(packed, scale, zero, p_shape, group_size) -> Tensor:
-    dims = check_shape(p_shape)
-    if len(dims) != 2:
-        raise ValueError(f"p_shape must be 2-D, got {dims}")
-    return dequantize_int4_ref(packed, scale, zero, dims, group_size, torch.float32)
+    return dequantize_int4_ref(packed, scale, zero, tuple(p_shape), group_size, torch.float32)
 
 
 def int4_project_ref(
@@ -131,7 +170,6 @@ def int4_project_ref(
     ``side="left"``: P is ``(m, r)``, returns ``P^T @ g`` of shape ``(r, n)``.
     """
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
-    check_projection(side, g, tuple(p.shape), back=False)
     g32 = g.to(torch.float32)
     return g32 @ p.T if side == "right" else p.T @ g32
 
@@ -151,8 +189,6 @@ def int4_project_back_ref(
 
     ``side="right"``: ``low (m, r) @ P (r, n)``. ``side="left"``: ``P (m, r) @ low (r, n)``.
     """
-    check_float_dtype(out_dtype)
     p = _dequantize_p(packed, scale, zero, p_shape, group_size)
-    check_projection(side, low, tuple(p.shape), back=True)
     low32 = low.to(torch.float32)
     return (low32 @ p if side == "right" else p @ low32).to(out_dtype)

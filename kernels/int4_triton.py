@@ -1,7 +1,7 @@
 """Triton projection matmuls reading the packed INT4 format (docs/internals.md, "INT4 projection").
 
 The format's own kernels (quantize, dequantize, pack, unpack) are in ``int4_format_triton.py`` and
-re-exported here, where the dispatcher (``_dispatch.pick``, family "int4") looks for them.
+re-exported here (``qgl.kernels`` imports each by name from ``int4_format_triton``).
 
 Same signatures and math as ``int4_ref.py``: ``packed: uint8 [ceil(numel / 2)]`` (byte k = element
 2k in the low nibble, 2k + 1 in the high nibble), fp32 ``scale``/``zero`` per group of
@@ -46,14 +46,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ._bench import do_bench
-from ._groups import (
-    check_dtype,
-    check_float_dtype,
-    check_floating,
-    check_group_size,
-    check_projection,
-    check_stats,
-)
 from ._tiles import group_scales, swizzle
 from .int4_format_triton import (
     dequantize_int4_triton,
@@ -183,24 +175,6 @@ _KEY = ["M", "N", "K", "GS", "P_IS_A", "P_K_CONTIG", "PC_DIV_GS", "EVEN", "DOT_B
 _mm_tuned = triton.autotune(_CONFIGS, key=_KEY, do_bench=do_bench)(_int4_mm_kernel)
 
 
-def _p_dims(p_shape: Sequence[int], packed: Tensor, scale: Tensor, zero: Tensor, group_size: int):
-    try:
-        dims = tuple(p_shape)
-    except TypeError:
-        raise TypeError(f"p_shape must be a sequence of ints, got {p_shape!r}") from None
-    if len(dims) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise ValueError(f"p_shape must be 2 non-negative ints, got {p_shape!r}")
-    check_dtype("packed", packed, torch.uint8)
-    if packed.dim() != 1 or packed.numel() != (dims[0] * dims[1] + 1) // 2:
-        raise ValueError(
-            f"packed must be 1-D with ceil(numel / 2) bytes for P {dims}, got {tuple(packed.shape)}"
-        )
-    if zero is None:
-        raise TypeError("zero must be an fp32 tensor: the INT4 format is asymmetric")
-    check_stats(dims[0] * dims[1], group_size, scale, zero)
-    return dims
-
-
 _PATHS = ("auto", "fused", "dense")
 
 
@@ -228,7 +202,7 @@ def dense_basis_triton(packed: Tensor, scale: Tensor, zero: Tensor, p_shape: Seq
     if group_size < MIN_KERNEL_GROUP or like.dtype not in (torch.float32, torch.bfloat16) \
             or not _use_dense("auto", like.device):
         return None
-    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
+    pr, pc = p_shape
     return dequantize_int4_triton(packed, scale, zero, (pr, pc), group_size, torch.bfloat16)
 
 
@@ -303,10 +277,7 @@ def int4_project_triton(
     returns ``P^T @ g`` ``(r, n)``. ``path``: "fused" (the kernel), "dense" (dequantized P and
     cuBLAS) or "auto" (dense on a GPU; see the module docstring).
     """
-    check_group_size(group_size)
-    check_floating("g", g)
-    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
-    check_projection(side, g, (pr, pc), back=False)
+    pr, pc = p_shape
     check_device(g, packed, scale, zero)
     check_numel(g.numel())
     check_numel(pr * pc)
@@ -335,11 +306,7 @@ def int4_project_back_triton(
     ``path`` as in ``int4_project_triton``. A bf16 ``out_dtype`` halves the bytes written, the
     larger part of this product's traffic at small rank (the full ``(m, n)`` output).
     """
-    check_group_size(group_size)
-    check_float_dtype(out_dtype)
-    check_floating("low", low)
-    pr, pc = _p_dims(p_shape, packed, scale, zero, group_size)
-    check_projection(side, low, (pr, pc), back=True)
+    pr, pc = p_shape
     check_device(low, packed, scale, zero)
     check_numel(low.numel())
     check_numel(pr * pc)

@@ -22,10 +22,52 @@ from ._groups import (
     n_groups,
 )
 
-__all__ = ["quantize_int8_ref", "dequantize_int8_ref", "int8_update_ref", "stochastic_round_ref"]
+__all__ = [
+    "check_quantize_int8",
+    "check_dequantize_int8",
+    "check_int8_update",
+    "quantize_int8_ref",
+    "dequantize_int8_ref",
+    "int8_update_ref",
+    "stochastic_round_ref",
+]
 
 _SYM_RANGE = (-127, 127)  # symmetric: -128 unused so that the grid is symmetric around 0
 _ASYM_RANGE = (-128, 127)
+
+
+# --- argument checks: run once, by the public entry points of qgl.kernels --------------------------
+# The references below and the Triton wrappers (int8_triton.py) take checked arguments: called
+# directly, they trust their caller.
+
+
+def check_quantize_int8(w: Tensor, group_size: int) -> None:
+    """Raise on a bad ``group_size`` or a non-floating ``w``."""
+    check_group_size(group_size)
+    check_floating("w", w)
+
+
+def check_dequantize_int8(
+    q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dtype: torch.dtype
+) -> None:
+    """Raise on a bad ``group_size``, a non-int8 ``q``, stats of the wrong dtype or length, or a
+    non-floating ``dtype``."""
+    check_group_size(group_size)
+    check_dtype("q", q, torch.int8)
+    check_stats(q.numel(), group_size, scale, zero)
+    check_float_dtype(dtype)
+
+
+def check_int8_update(q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, group_size: int) -> None:
+    """As ``check_dequantize_int8``, and ``delta`` floating of ``q``'s shape, ``q`` contiguous."""
+    check_group_size(group_size)
+    check_dtype("q", q, torch.int8)
+    check_stats(q.numel(), group_size, scale, zero)
+    check_floating("delta", delta)
+    if delta.shape != q.shape:
+        raise ValueError(f"delta must have q's shape {tuple(q.shape)}, got {tuple(delta.shape)}")
+    if not q.is_contiguous():
+        raise ValueError("q must be contiguous: it is updated in place through a flat view")
 
 
 def _group_stats(x: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
@@ -57,8 +99,6 @@ def quantize_int8_ref(
     is None iff ``symmetric``. Computes in fp32. Non-finite values in ``w`` give non-finite
     scales: finite inputs are the caller's responsibility.
     """
-    check_group_size(group_size)
-    check_floating("w", w)
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     g = n_groups(w.numel(), group_size)
     scale = torch.empty(g, dtype=torch.float32, device=w.device)
@@ -83,10 +123,6 @@ def dequantize_int8_ref(
 
     ``q: int8 [*shape]``, ``scale``/``zero``: fp32 ``[n_groups]``; result ``dtype [*shape]``.
     """
-    check_group_size(group_size)
-    check_dtype("q", q, torch.int8)
-    check_stats(q.numel(), group_size, scale, zero)
-    check_float_dtype(dtype)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     dequantize_groups_(q.reshape(-1), scale, zero, group_size, out.view(-1))
     return out
@@ -122,14 +158,6 @@ def int8_update_ref(
     uniforms). Non-finite values in ``delta`` are the caller's problem: they make the group's scale
     non-finite and its codes meaningless.
     """
-    check_group_size(group_size)
-    check_dtype("q", q, torch.int8)
-    check_stats(q.numel(), group_size, scale, zero)
-    check_floating("delta", delta)
-    if delta.shape != q.shape:
-        raise ValueError(f"delta must have q's shape {tuple(q.shape)}, got {tuple(delta.shape)}")
-    if not q.is_contiguous():
-        raise ValueError("q must be contiguous: it is updated in place through a flat view")
     symmetric = zero is None
     w = dequantize_int8_ref(q, scale, zero, group_size, torch.float32).view(-1)
     if decay != 1.0:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._groups import check_dtype, check_float_dtype, check_floating, check_group_size, check_stats, n_groups
+from ._groups import n_groups
 from .int8_ref import dequantize_int8_ref, int8_update_ref, quantize_int8_ref
 
 __all__ = ["quantize_int8_triton", "dequantize_int8_triton", "int8_update_triton"]
@@ -206,8 +206,6 @@ def quantize_int8_triton(
     Returns ``(q int8 [*w.shape], scale fp32 [n_groups], zero fp32 [n_groups] or None)``;
     identical to :func:`quantize_int8_ref`.
     """
-    check_group_size(group_size)
-    check_floating("w", w)
     check_device(w)
     check_numel(w.numel())
     if group_size > MAX_TILE_GROUP:
@@ -233,10 +231,6 @@ def dequantize_int8_triton(
 
     ``q: int8 [*shape]``, ``scale``/``zero``: fp32 ``[n_groups]``; result ``dtype [*shape]``.
     """
-    check_group_size(group_size)
-    check_dtype("q", q, torch.int8)
-    check_stats(q.numel(), group_size, scale, zero)
-    check_float_dtype(dtype)
     check_device(q, scale, zero)
     check_numel(q.numel())
     if group_size > MAX_TILE_GROUP or dtype == torch.float64:
@@ -262,14 +256,6 @@ def int8_update_triton(
     symmetric, stays symmetric); ``delta``: floating ``[*shape]`` (fp32 expected; bf16/fp16 are
     widened in registers). Stochastic rounding uses Philox keyed by ``seed`` and the element position.
     """
-    check_group_size(group_size)
-    check_dtype("q", q, torch.int8)
-    check_stats(q.numel(), group_size, scale, zero)
-    check_floating("delta", delta)
-    if delta.shape != q.shape:
-        raise ValueError(f"delta must have q's shape {tuple(q.shape)}, got {tuple(delta.shape)}")
-    if not q.is_contiguous():
-        raise ValueError("q must be contiguous: it is updated in place through a flat view")
     check_device(q, scale, zero, delta)
     check_numel(q.numel())
     if group_size > MAX_TILE_GROUP or delta.dtype == torch.float64:

@@ -7,18 +7,30 @@ activation dtype, and the matmul runs in the activation dtype, as the Triton ker
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._groups import check_floating
+from ._groups import check_floating, check_group_size, check_stats
 from .int8_ref import dequantize_int8_ref
 
-__all__ = ["w8a16_linear_ref", "w8a16_grad_input_ref"]
+__all__ = ["check_w8a16", "w8a16_linear_ref", "w8a16_grad_input_ref"]
 
 
-def _check_weight(q: Tensor) -> None:
-    if q.dim() != 2:
-        raise ValueError(f"q must be a 2-D (out, in) weight, got shape {tuple(q.shape)}")
+def check_w8a16(
+    name: str, a: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dim: int
+) -> None:
+    """Arguments of a W8A16 matmul, checked once by the public entry points of qgl.kernels (the
+    references below and the Triton wrappers trust them): a floating activation ``a`` named
+    ``name`` whose last dim equals ``q.shape[dim]``, a 2-D int8 ``q``, fp32 stats per group."""
+    check_group_size(group_size)
+    check_floating(name, a)
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"q must be a 2-D int8 (out, in) weight, got {q.dtype} {tuple(q.shape)}")
+    if a.shape[-1] != q.shape[dim]:
+        what = "in-features" if dim == 1 else "out-features"
+        raise ValueError(f"{name}'s last dim {a.shape[-1]} must equal the weight's {what} {q.shape[dim]}")
+    check_stats(q.numel(), group_size, scale, zero)
 
 
 def w8a16_linear_ref(
@@ -28,10 +40,6 @@ def w8a16_linear_ref(
 
     The result and the matmul are in ``x.dtype``; ``bias [out]`` is cast to ``x.dtype``.
     """
-    check_floating("x", x)
-    _check_weight(q)
-    if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"x's last dim {x.shape[-1]} must equal the weight's in-features {q.shape[1]}")
     w = dequantize_int8_ref(q, scale, zero, group_size, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -43,8 +51,4 @@ def w8a16_grad_input_ref(
 
     The result and the matmul are in ``dy.dtype``.
     """
-    check_floating("dy", dy)
-    _check_weight(q)
-    if dy.shape[-1] != q.shape[0]:
-        raise ValueError(f"dy's last dim {dy.shape[-1]} must equal the weight's out-features {q.shape[0]}")
     return dy @ dequantize_int8_ref(q, scale, zero, group_size, dy.dtype)

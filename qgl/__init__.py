@@ -12,20 +12,25 @@ Core (plain PyTorch, no Lightning needed):
     export             write a model or a `qgl train` checkpoint as a Hugging Face directory
                        (safetensors; qgl.hf_export)
 
-Lightning (imported on first use):
+Lightning:
     QGaLoreCallback, SubspaceMonitor, MemoryMonitor   callbacks (qgl.callbacks)
     CausalLMModule                                    LightningModule for causal LMs
+
+Every name is imported on first use, so that `import qgl` (and the `qgl` command's `--help` and
+`recipes`) loads no torch.
 """
 
 from importlib import import_module
 from typing import Any
 
-from qgl.nn import QLinear, dequantize_model, quantize_model
-from qgl.optim import QGaLoreAdamW, make_param_groups
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "QGaLoreAdamW": "qgl.optim",
+    "make_param_groups": "qgl.optim",
+    "QLinear": "qgl.nn",
+    "quantize_model": "qgl.nn",
+    "dequantize_model": "qgl.nn",
     "QGaLoreCallback": "qgl.callbacks",
     "SubspaceMonitor": "qgl.callbacks",
     "MemoryMonitor": "qgl.callbacks",
@@ -33,7 +38,7 @@ _LAZY = {
     "export": "qgl.hf_export",
 }
 
-__all__ = ["QGaLoreAdamW", "make_param_groups", "QLinear", "quantize_model", "dequantize_model", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ built or written. Keys whose value is `???` (OmegaConf's MISSING) must be given 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import re
 import types
@@ -31,7 +32,9 @@ PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true"
               "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's, less tpu/hpu (qgl's kernels: CUDA or CPU)
 DEFAULT_RECIPE = "tiny.yaml"
-RECIPES_DIR = Path(__file__).parent / "recipes"  # a symlink to the repo's recipes/ (copied into wheels)
+# The package qgl.recipes (the repository's recipes/, by pyproject's package-dir mapping), wherever it is
+# installed; importing it loads no torch (qgl/__init__.py imports lazily).
+RECIPES_DIR = Path(str(importlib.resources.files("qgl.recipes")))
 
 _f = setting  # a field with its help line (`qgl train --help`) and its check (qgl.optim.settings)
 

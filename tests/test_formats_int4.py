@@ -62,11 +62,11 @@ def test_pack_layout_low_nibble_first_and_any_shape():
 
 def test_pack_unpack_reject_bad_input():
     with pytest.raises(ValueError, match="0..15"):
-        pack_int4_ref(torch.tensor([16], dtype=torch.uint8))
+        K.pack_int4(torch.tensor([16], dtype=torch.uint8))
     with pytest.raises(TypeError, match="q must have dtype torch.uint8"):
-        pack_int4_ref(torch.tensor([1, 2], dtype=torch.int8))
+        K.pack_int4(torch.tensor([1, 2], dtype=torch.int8))
     with pytest.raises(ValueError, match="ceil"):
-        unpack_int4_ref(torch.zeros(3, dtype=torch.uint8), 7)
+        K.unpack_int4(torch.zeros(3, dtype=torch.uint8), 7)
 
 
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
@@ -91,34 +91,34 @@ def test_projection_rejects_bad_side_and_shapes():
     pq = quantize_int4_ref(nonzero_randn(8, 24), 64)
     g = nonzero_randn(40, 24)
     with pytest.raises(ValueError, match="side must be 'right' or 'left'"):
-        int4_project_ref(g, *pq, (8, 24), 64, "top")
+        K.int4_project(g, *pq, (8, 24), 64, "top")
     with pytest.raises(ValueError, match="side='left' needs"):
-        int4_project_ref(g, *pq, (8, 24), 64, "left")
+        K.int4_project(g, *pq, (8, 24), 64, "left")
     with pytest.raises(ValueError, match="side='right' needs"):
-        int4_project_back_ref(nonzero_randn(40, 5), *pq, (8, 24), 64, "right")
+        K.int4_project_back(nonzero_randn(40, 5), *pq, (8, 24), 64, "right")
     with pytest.raises(ValueError, match="p_shape must be 2-D"):
-        int4_project_ref(g, *pq, (192,), 64, "right")
+        K.int4_project(g, *pq, (192,), 64, "right")
 
 
 @pytest.mark.parametrize("group_size", [0, -3, 1.5])
 def test_bad_group_size_is_named(group_size):
     packed, scale, zero = quantize_int4_ref(nonzero_randn(4, 8), 8)
     with pytest.raises(ValueError, match="group_size"):
-        quantize_int4_ref(nonzero_randn(4, 8), group_size)
+        K.quantize_int4(nonzero_randn(4, 8), group_size)
     with pytest.raises(ValueError, match="group_size"):
-        dequantize_int4_ref(packed, scale, zero, (4, 8), group_size)
+        K.dequantize_int4(packed, scale, zero, (4, 8), group_size)
 
 
 def test_bad_dtypes_are_explained():
     packed, scale, zero = quantize_int4_ref(nonzero_randn(4, 8), 8)
     with pytest.raises(TypeError, match="p must be a floating-point"):
-        quantize_int4_ref(torch.ones(4, 8, dtype=torch.int64))
+        K.quantize_int4(torch.ones(4, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="zero must have dtype torch.float32"):
-        dequantize_int4_ref(packed, scale, zero.half(), (4, 8), 8)
+        K.dequantize_int4(packed, scale, zero.half(), (4, 8), 8)
     with pytest.raises(TypeError, match="asymmetric"):
-        dequantize_int4_ref(packed, scale, None, (4, 8), 8)
+        K.dequantize_int4(packed, scale, None, (4, 8), 8)
     with pytest.raises(ValueError, match="scale must be 1-D"):
-        dequantize_int4_ref(packed, scale, zero, (4, 16), 8)
+        K.dequantize_int4(packed, scale, zero, (4, 16), 8)
 
 
 def test_dispatch_matches_reference_on_cpu():

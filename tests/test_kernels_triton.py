@@ -30,7 +30,6 @@ from _kernel_checks import (  # noqa: E402
 )
 
 from qgl.kernels import (  # noqa: E402
-    _dispatch,
     int4_ref,
     int4_triton,
     int8_ref,
@@ -190,8 +189,10 @@ def test_int4_formats_exact(poison, shape, gs):
 
 
 def test_pack_int4_rejects_wide_codes():
-    with pytest.raises(ValueError, match="0..15"):
-        int4_triton.pack_int4_triton(torch.tensor([3, 16], dtype=torch.uint8, device=DEV))
+    import qgl.kernels as K
+
+    with pytest.raises(ValueError, match="0..15"):  # checked once, by the entry point
+        K.pack_int4(torch.tensor([3, 16], dtype=torch.uint8, device=DEV))
 
 
 # (m, n, rank, group): fast paths (row length % group == 0), general, odd row lengths, tiny group.
@@ -265,19 +266,38 @@ _PUBLIC = {
 
 @pytest.mark.parametrize("family", sorted(_PUBLIC))
 def test_every_dispatch_name_has_a_triton_kernel(family):
+    import importlib
+    import inspect
+
+    import qgl.kernels as K
+
+    src = inspect.getsource(K)
     for name in _PUBLIC[family]:
-        assert _dispatch._triton_impl(family, name) is not None, name
+        # The entry point imports `<name>_triton` by name from a Triton module that defines it.
+        lines = [ln.strip() for ln in src.splitlines() if ln.strip().endswith(f" import {name}_triton")]
+        line = lines[0] if lines else None
+        assert line is not None, name
+        module = importlib.import_module("qgl.kernels" + line.split()[1])
+        assert callable(getattr(module, f"{name}_triton", None)), name
 
 
 @pytest.mark.cuda
 def test_dispatch_selects_triton_on_cuda(monkeypatch):
+    import qgl.kernels as K
+
     monkeypatch.delenv("QGL_DISABLE_TRITON", raising=False)
-    t = torch.zeros(1, device="cuda")
-    assert (
-        _dispatch.pick(t, "int8", "int8_update", int8_ref.int8_update_ref) is int8_triton.int8_update_triton
-    )
-    assert _dispatch.pick(t, "w8a16", "w8a16_linear", None) is w8a16_triton.w8a16_linear_triton
-    assert _dispatch.pick(t, "int4", "int4_project", None) is int4_triton.int4_project_triton
+    called = []
+    for module, name in ((int8_triton, "int8_update_triton"), (w8a16_triton, "w8a16_linear_triton"),
+                         (int4_triton, "int4_project_triton")):
+        real = getattr(module, name)
+        spy = lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(module, name, spy)
+    q, s, _ = K.quantize_int8(torch.randn(8, 64, device="cuda"), 64)
+    K.int8_update_(q, s, None, torch.zeros(8, 64, device="cuda"), 1.0, 64, 0)
+    K.w8a16_linear(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), q, s, None, 64)
+    packed, ps, pz = K.quantize_int4(torch.randn(4, 64, device="cuda"), 64)
+    K.int4_project(torch.randn(8, 64, device="cuda"), packed, ps, pz, (4, 64), 64, "right")
+    assert called == ["int8_update_triton", "w8a16_linear_triton", "int4_project_triton"]
 
 
 @pytest.mark.cuda

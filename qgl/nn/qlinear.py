@@ -5,8 +5,10 @@ The weight lives in three buffers, ``weight_int8`` (int8 ``[out, in]``), ``weigh
 NOT the weight: it is a *gradient carrier*, a Parameter of shape ``(out, in)`` and the compute dtype
 whose strides are ``(0, 0)`` over a single element, so it costs no memory. Autograd still writes a
 dense ``dL/dW`` into ``weight.grad``, so gradient accumulation, clipping, ``zero_grad`` and
-post-accumulate-grad hooks work as for ``nn.Linear``; the optimizer (qgl.optim) finds the module
-through ``weight._qgl_owner`` and updates the buffers with ``apply_weight_update_``.
+post-accumulate-grad hooks work as for ``nn.Linear``. The buffers are also a ``qgl.quant.Int8Tensor``
+(``QLinear.storage``, a view: no copy) attached to the carrier with ``qgl.quant.attach_storage``; the
+optimizer (qgl.optim) finds it with ``qgl.quant.storage_of(weight)`` and updates it with ``add_``.
+``weight._qgl_owner`` (the module) only tells model surgery and planning that a Parameter is a carrier.
 
 !!! Reading ``qlinear.weight`` gives zeros, not the weights: use ``dequantize_weight()``. Code that
 reads ``.weight`` directly (tied embeddings, ``nn.MultiheadAttention.out_proj``, weight merging)
@@ -25,8 +27,11 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
 import qgl.kernels as _k
+from qgl.quant import Int8Tensor, attach_storage, storage_of
 
 __all__ = ["QLinear"]
+
+_BUFFERS = ("weight_int8", "weight_scale", "weight_zero")  # q, scale, zero of the Int8Tensor view
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -155,7 +160,12 @@ class QLinear(nn.Module):
     def _set_carrier(self, base: Tensor, requires_grad: bool) -> None:
         """Register a fresh carrier Parameter over the one-element ``base``."""
         self.weight = nn.Parameter(_carrier(base, self.out_features, self.in_features), requires_grad)
-        self.weight._qgl_owner = self  # the optimizer's way back to this module (no qgl.nn import)
+        self._mark_carrier(self.weight)
+
+    def _mark_carrier(self, p: nn.Parameter) -> None:
+        """Attach the INT8 storage (what the optimizer updates) and the owner (what surgery detects)."""
+        attach_storage(p, Int8Tensor.view_of(self._buffers, _BUFFERS, self.group_size))
+        p._qgl_owner = self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -172,11 +182,13 @@ class QLinear(nn.Module):
 
     def _store(self, w: Tensor) -> None:
         """Quantize float ``w [out, in]`` into the existing buffers (in place)."""
-        q, scale, zero = _k.quantize_int8(w, self.group_size, self.symmetric)
-        self.weight_int8.copy_(q)
-        self.weight_scale.copy_(scale)
-        if zero is not None:
-            self.weight_zero.copy_(zero)
+        self.storage.set_(w)
+
+    @property
+    def storage(self) -> Int8Tensor:
+        """The INT8 weight as a ``qgl.quant.Int8Tensor`` over this module's buffers (the one the
+        optimizer updates)."""
+        return storage_of(self.weight)  # type: ignore[return-value]
 
     @classmethod
     @torch.no_grad()
@@ -244,27 +256,7 @@ class QLinear(nn.Module):
         None for round-to-nearest, which drops every update smaller than half a step (the
         ablation that shows why stochastic rounding exists).
         """
-        if tuple(delta.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"delta must have shape {(self.out_features, self.in_features)}, got {tuple(delta.shape)}"
-            )
-        if seed is None:
-            updated = self.dequantize_weight(torch.float32).mul_(float(decay)).add_(delta)
-            q, scale, zero = _k.quantize_int8(updated, self.group_size, self.symmetric)
-            self.weight_int8.copy_(q)
-            self.weight_scale.copy_(scale)
-            if zero is not None:
-                self.weight_zero.copy_(zero)
-            return
-        _k.int8_update_(
-            self.weight_int8,
-            self.weight_scale,
-            self.weight_zero,
-            delta,
-            float(decay),
-            self.group_size,
-            int(seed),
-        )
+        self.storage.add_(delta, decay, seed)
 
     def nbytes(self) -> int:
         """Bytes of weight storage: INT8 codes + fp32 scales (+ zeros); the carrier costs one element."""
@@ -309,7 +301,7 @@ class QLinear(nn.Module):
                     p.grad = grad
                     setattr(self, name, p)
                     if name == "weight":
-                        p._qgl_owner = self
+                        self._mark_carrier(p)
             for name, b in self._buffers.items():
                 if b is None:
                     continue

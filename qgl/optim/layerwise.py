@@ -14,48 +14,68 @@ backward is running are alive. Rules, each a consequence of the gradient being g
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from qgl.optim.finite import NonFiniteFlags
 
-if TYPE_CHECKING:
-    from qgl.optim.qgalore_adamw import QGaLoreAdamW
-
 
 class LayerwiseDriver:
-    """Owns the hooks of one optimizer. `defer=True` lets gradients accumulate instead."""
+    """Owns the post-accumulate-grad hooks of a set of parameters. `defer=True` lets gradients
+    accumulate instead.
 
-    def __init__(self, optimizer: QGaLoreAdamW, clip_norm: float | None = None):
+    Args:
+        params: the parameters; each that requires a gradient gets a hook.
+        update: the per-parameter update, ``update(p)``: steps `p` from `p.grad` (the optimizer's
+            `update_param`, which calls `qgl.optim.update.apply_update`); the driver frees the
+            gradient after it. This module knows nothing else of the optimizer.
+        name: the display name of a parameter (for errors).
+        check_finite: flag non-finite gradients (zeroed before the update, raised by
+            `raise_if_nonfinite`).
+        clip_norm: clip each gradient to this norm before its update.
+
+    The hook, `_on_grad`, is the one place where a gradient meets its update: check and clip it,
+    `self.update(p)`, free it. A distributed wrapper reduces the gradient there before the update
+    and broadcasts the weight after it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        update: Callable[[Tensor], None],
+        name: Callable[[Tensor], str],
+        *,
+        check_finite: bool = True,
+        clip_norm: float | None = None,
+    ):
         if clip_norm is not None and clip_norm <= 0:
             raise ValueError(f"layerwise_clip_norm must be > 0, got {clip_norm}")
-        self.optimizer = optimizer
+        params = list(params)
+        self.update = update
+        self.name = name
+        self.check_finite = check_finite
         self.clip_norm = clip_norm
         self.defer = False
         # Its own record: step() checks the gradients the hooks deferred separately (not yet stepped).
-        self._flags = NonFiniteFlags([p for group in optimizer.param_groups for p in group["params"]])
+        self._flags = NonFiniteFlags(params)
         self._handles = [
-            p.register_post_accumulate_grad_hook(self._on_grad)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.requires_grad
+            p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad
         ]
 
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
         if self.defer:
             return
-        if self.optimizer.check_finite:
+        if self.check_finite:
             # The flag stays on the device (a sync here would stall backward once per parameter);
             # the update runs before it is read, so it takes the gradient with non-finite entries zeroed.
             self._flags.check_(p, p.grad, zero_nonfinite=True)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_([p], self.clip_norm)
-        self.optimizer.update_param(p)
+        self.update(p)
         p.grad = None
 
     @contextmanager
@@ -72,7 +92,7 @@ class LayerwiseDriver:
         since the last call (one device sync)."""
         flagged = self._flags.pop_flagged()
         if flagged:
-            bad = [self.optimizer.param_name(p) for p in flagged]
+            bad = [self.name(p) for p in flagged]
             raise FloatingPointError(
                 f"non-finite gradient in {bad}; layer-wise updates had already stepped these parameters "
                 "with the non-finite entries zeroed"

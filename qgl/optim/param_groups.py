@@ -10,6 +10,7 @@ from torch import nn
 
 from qgl.optim.qgalore_adamw import GALORE_DEFAULTS
 from qgl.optim.settings import QGALORE
+from qgl.quant import storage_of
 
 NO_DECAY = ("bias", "norm")
 
@@ -20,8 +21,9 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    # QLinear is recognised by its gradient carrier, so this layer needs no import of qgl.nn.
-    return isinstance(module, nn.Linear) or hasattr(getattr(module, "weight", None), "_qgl_owner")
+    # QLinear is recognised by the INT8 storage attached to its gradient carrier (qgl.quant, above
+    # this layer), so this layer needs no import of qgl.nn.
+    return isinstance(module, nn.Linear) or storage_of(getattr(module, "weight", None)) is not None
 
 
 def make_param_groups(

@@ -5,14 +5,17 @@ projected into a rank-r subspace, Adam runs there, the update is projected back 
 or a *plain group* (`rank=None`: ordinary AdamW on the full gradient). In both, moments are
 kept in 8 bits (`optim_bits=8`, bitsandbytes' blockwise format) or fp32 (`optim_bits=32`).
 
-A parameter that is the gradient carrier of a `qgl.nn.QLinear` (it has `_qgl_owner`) is
-updated through its owner: W_int8 <- SR(decay * dequant(W) + delta), stochastic rounding in
-fp32 with a seed derived from (group seed, parameter index, step), so runs are reproducible
-and nothing but the seed is needed to resume them. Other parameters are updated in place.
+The update of one parameter is `qgl.optim.update.apply_update`, a pure function of (gradient,
+state, group settings, weight storage). The storage of a parameter that is the gradient carrier of
+a `qgl.nn.QLinear` is its `qgl.quant.Int8Tensor` (`qgl.quant.storage_of`): W_int8 <- SR(decay *
+dequant(W) + delta) with stochastic rounding; other parameters are updated in place.
 
-With `layerwise=True` every trainable parameter is stepped from its post-accumulate-grad hook
-and its gradient freed at once, so no full-model gradient exists (see `qgl/optim/layerwise.py`
-for the rules on accumulation and clipping).
+This class owns the per-parameter state (`self.state`), the settings (`param_groups`) and the
+order of work: `update_param` looks them up and calls `apply_update` once, inside the offloader's
+`resident` context when states are offloaded. With `layerwise=True` a `LayerwiseDriver` calls
+`update_param` from every trainable parameter's post-accumulate-grad hook and frees the gradient,
+so no full-model gradient exists (see `qgl/optim/layerwise.py` for the rules on accumulation and
+clipping).
 """
 
 from __future__ import annotations
@@ -23,21 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qgl.optim.adam import adam_direction, adam_step_, init_moments, moments_nbytes
+from qgl.optim.adam import init_moments, moments_nbytes
 from qgl.optim.finite import NonFiniteFlags
 from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
 from qgl.optim.refresh import AdaptiveRefresh
 from qgl.optim.settings import GALORE, QGALORE, GaLoreSettings, OptimizerSettings, check_value, rank_fits
+from qgl.optim.update import apply_update
+from qgl.quant import storage_of
 
 # GaLore group keys and their defaults: `qgl.optim.settings.GaLoreSettings`' fields; rank None: plain AdamW.
 GALORE_DEFAULTS: dict[str, Any] = {**GALORE, "rank": None}
-
-
-def _sr_seed(seed: int, index: int, step: int) -> int:
-    # A cheap integer mix: distinct (seed, parameter, step) give unrelated Philox streams.
-    return (((seed * 0x9E3779B1) ^ (index * 0x85EBCA77)) * 0xC2B2AE3D + step) % (2**62)
 
 
 class QGaLoreAdamW(torch.optim.Optimizer):
@@ -114,8 +114,22 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         }
         for group in self.param_groups:
             self._validate_group(group)
+        # What the update of each parameter needs besides its gradient and state, looked up once: its
+        # group (settings; the live dict, which LR schedulers write), its index (keys the stochastic
+        # rounding) and its weight storage (the INT8 weight of a QLinear carrier, else the Parameter).
+        self._slot = {p: (self._group_of[p], i, storage_of(p) or p) for p, i in self._index.items()}
         self.offloader = make_offloader(offload)
-        self.layerwise = LayerwiseDriver(self, layerwise_clip_norm) if layerwise else None
+        self.layerwise = (
+            LayerwiseDriver(
+                [p for g in self.param_groups for p in g["params"]],
+                self.update_param,
+                self.param_name,
+                check_finite=check_finite,
+                clip_norm=layerwise_clip_norm,
+            )
+            if layerwise
+            else None
+        )
         if layerwise_clip_norm is not None and not layerwise:
             raise ValueError(
                 "layerwise_clip_norm needs layerwise=True; without it, clip with "
@@ -184,42 +198,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             self._update_param(p)
 
     def _update_param(self, p: Tensor) -> None:
-        group = self._group_of[p]
+        group, index, weight = self._slot[p]
         state = self.state[p]
         if not state:
             self._init_state(p, group, state)
-        state["step"] += 1
-        step = state["step"]
-        beta1, beta2 = group["betas"]
-        grad = p.grad
-        projector: GaLoreProjector | None = state.get("projector")
-        lr = group["lr"]
-        decay = 1.0 - lr * group["weight_decay"]
-        owner = getattr(p, "_qgl_owner", None)
-        if projector is not None:
-            projector.maybe_refresh(grad, step - 1)
-            with projector.decoded(grad):  # one decoding of an INT4 P for both products
-                low = projector.project(grad)
-                direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
-                if owner is None:
-                    # A float weight: decay, then W += P-products of the direction, in place (one
-                    # addmm_, fp32 accumulation, one rounding): no (m, n) update is ever materialized.
-                    if decay != 1.0:
-                        p.mul_(decay)
-                    projector.add_back_(p, direction, -lr)
-                    return
-                # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
-                # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
-                # below the stochastic rounding onto the INT8 grid that follows, and the (m, n)
-                # update is then written once and read once at half the bytes of fp32.
-                delta = projector.project_back(direction, -lr, torch.bfloat16)
-        elif owner is None:  # plain: in place, in chunks (temporaries O(chunk))
-            adam_step_(p, grad, state, lr, decay, beta1, beta2, group["eps"], step)
-            return
-        else:
-            delta = adam_direction(grad, state, beta1, beta2, group["eps"], step).mul_(-lr)
-        seed = _sr_seed(group["seed"], self._index[p], step) if group["stochastic_rounding"] else None
-        owner.apply_weight_update_(delta, decay, seed)
+        apply_update(weight, p.grad, state, group, index)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
