@@ -36,8 +36,10 @@ from qgl.callbacks.swap import OptimizerSwap, unwrap, wrap
 METHODS = ("full", "adamw8bit", "lora", "qlora", "galore", "qgalore")
 ALIASES = {"adamw": "full"}
 # What makes `galore` GaLore (Zhao et al., 2024) rather than Q-GaLore: float weights, float
-# projections, a fixed refresh gap. Rank, gap, scale, 8-bit moments and layer-wise updates: the recipe's.
-GALORE = {"quantize_weights": False, "proj_quant": False, "adaptive": False}
+# projections, a fixed refresh gap, the exact SVD (GaLore's, and galore-torch's, numerics; qgalore's
+# default is the warm-started randomized SVD). Rank, gap, scale, 8-bit moments and layer-wise
+# updates: the recipe's.
+GALORE = {"quantize_weights": False, "proj_quant": False, "adaptive": False, "svd_method": "full"}
 
 def same_groups(user: Optimizer) -> list[dict[str, Any]]:
     """The module optimizer's groups (trainable parameters only; empty groups dropped), each with

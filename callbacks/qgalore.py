@@ -50,7 +50,9 @@ class QGaLoreCallback(OptimizerSwap):
         proj_quant: store the projections in INT4. proj_group_size: their group size.
         adaptive: lengthen a layer's gap while its subspace stays put (`cos_threshold`,
             `gamma_proj`, `queue_size`, capped by `max_gap`; see `qgl.optim.refresh`).
-        svd_method: "full" or "randomized".
+        svd_method: "randomized" (warm-started from the previous P after the first refresh) or
+            "full" (exact). refresh_metric: "leading" or "subspace" (what the refresh compares;
+            docs/svd.md).
         (Defaults, ranges and choices: `qgl.optim.settings.QGaLoreSettings`; a bad value raises a
         one-line `ValueError` (`SettingError`) here, at construction.)
         optim_bits: 8 or 32-bit Adam moments; tensors under `min_8bit_size` elements keep fp32.
@@ -85,6 +87,7 @@ class QGaLoreCallback(OptimizerSwap):
                  adaptive: bool = _D["adaptive"], cos_threshold: float = _D["cos_threshold"],
                  gamma_proj: float = _D["gamma_proj"], queue_size: int = _D["queue_size"],
                  max_gap: int | None = _D["max_gap"], svd_method: str = _D["svd_method"],
+                 refresh_metric: str = _D["refresh_metric"],
                  optim_bits: int = _D["optim_bits"], min_8bit_size: int = _D["min_8bit_size"],
                  layerwise: bool = _D["layerwise"],
                  layerwise_clip_norm: float | None = _D["layerwise_clip_norm"], seed: int = 0,
@@ -96,6 +99,7 @@ class QGaLoreCallback(OptimizerSwap):
             update_proj_gap=update_proj_gap, scale=scale, proj_quant=proj_quant,
             proj_group_size=proj_group_size, adaptive=adaptive, cos_threshold=cos_threshold,
             gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap, svd_method=svd_method,
+            refresh_metric=refresh_metric,
             optim_bits=optim_bits, min_8bit_size=min_8bit_size, layerwise=layerwise,
             layerwise_clip_norm=layerwise_clip_norm, offload=offload)
         chosen = {k: tuple(v) if isinstance(v, list) else v

@@ -114,6 +114,7 @@ def test_train_end_to_end_wandb_offline(clean_env, spy_run, capsys):
     # 6 steps: the rate after the first step (every layer's SVD) counts the 5 others
     assert s["tokens_per_sec_after_first_step"] > 0
     assert "after the first step" in out
+    assert 0 < s["first_step_seconds"] < s["wall_seconds"] and "first optimizer step" in out
     assert os.environ["WANDB_MODE"] == "offline"
     runs = list((clean_env / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and s["run_dir"] == str(runs[0].resolve())

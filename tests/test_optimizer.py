@@ -71,7 +71,7 @@ def _galore_reference_step(w, g, st, step, rank, gap, scale, lr, wd, b1, b2, eps
 
 def test_galore_without_quantization_matches_reference():
     ref, ours = _mlp(), _mlp()
-    kw = dict(rank=4, update_proj_gap=5, scale=0.5, proj_quant=False, adaptive=False)
+    kw = dict(rank=4, update_proj_gap=5, scale=0.5, proj_quant=False, adaptive=False, svd_method="full")
     lr, wd, b1, b2, eps = 1e-2, 0.05, 0.9, 0.99, 1e-8
     opt = QGaLoreAdamW(
         make_param_groups(ours, target_modules=["0", "2", "4"], weight_decay=wd, **kw),

@@ -39,7 +39,7 @@ def test_sides_and_shapes(shape, side, basis_shape, low_shape, quantize):
 @pytest.mark.parametrize("rank", [1, 5, 32])
 def test_fp32_round_trip_is_the_rank_r_svd_reconstruction(shape, rank):
     g = torch.randn(shape)
-    proj = GaLoreProjector(shape, rank=rank, scale=0.25, quantize=False)
+    proj = GaLoreProjector(shape, rank=rank, scale=0.25, quantize=False, svd_method="full")
     proj.maybe_refresh(g, 0)
     back = proj.project_back(proj.project(g))
     torch.testing.assert_close(back, 0.25 * _rank_r_reconstruction(g, rank), atol=2e-5, rtol=1e-4)
@@ -98,7 +98,7 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     accumulation (the INT4 path's and GaLore's numerics, at tensor-core speed); its leading vector
     stays fp32. The basis of an fp32 gradient stays fp32 and its products too."""
     g = torch.randn(shape).bfloat16()
-    proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    proj = GaLoreProjector(shape, 4, quantize=False, scale=0.5, svd_method="full")
     proj.maybe_refresh(g, 0)
     assert proj.tensors()["proj"].dtype == torch.bfloat16 and proj.tensors()["lead"].dtype == torch.float32
     exact_basis = top_singular_vectors(g, 4, proj.side, "full")
@@ -112,7 +112,7 @@ def test_float_basis_on_a_bf16_gradient_multiplies_16_bit_operands(shape):
     low16 = (low * -1.0).bfloat16().float()  # scale 0.5 x factor -2, then the operand rounding
     want = (low16 @ p16 if right else p16 @ low16).bfloat16()
     assert back.dtype == torch.bfloat16 and torch.equal(back, want)
-    fp32 = GaLoreProjector(shape, 4, quantize=False, scale=0.5)
+    fp32 = GaLoreProjector(shape, 4, quantize=False, scale=0.5, svd_method="full")
     fp32.maybe_refresh(g.float(), 0)  # an fp32 gradient: P stays fp32, unrounded
     assert fp32.tensors()["proj"].dtype == torch.float32
     exact = fp32.project(g.float())
@@ -301,3 +301,106 @@ def test_decoded_changes_nothing_where_the_kernels_do_not_decode():
     with proj.decoded(g):
         assert proj._decoded is None  # CPU: the references
         assert torch.equal(proj.project(g), low) and torch.equal(proj.project_back(low), back)
+
+
+# -- SVD failure: fallback to the previous P (or a random one at the first refresh) --------------
+
+def test_svd_failure_keeps_the_previous_basis_and_warns_naming_the_layer():
+    proj = GaLoreProjector((64, 32), 4, quantize=True, name="layers.3.mlp.up", svd_method="full",
+                           refresh=AdaptiveRefresh(update_proj_gap=5))
+    g = torch.randn(64, 32)
+    assert proj.maybe_refresh(g, 0)
+    before = proj.basis().clone()
+    bad = torch.randn(64, 32)
+    bad[7, 3] = float("nan")  # makes torch.linalg.svd raise (LinAlgError: non-finite input)
+    match = r"SVD of layers\.3\.mlp\.up failed at its step 5 .*keeping its previous"
+    with pytest.warns(RuntimeWarning, match=match):
+        assert proj.maybe_refresh(bad, 5)
+    assert torch.equal(proj.basis(), before)
+    r = proj.refresh
+    assert r.svd_failures == 1 and r.svd_count == 1 and r.queue == [] and r.next_refresh == 10
+    assert proj.maybe_refresh(g, 10) and r.svd_count == 2  # the next scheduled refresh succeeds
+    assert r.last_cos == pytest.approx(1.0, abs=1e-5)  # compared with the basis kept, not the failed one
+
+
+@pytest.mark.parametrize("method", ["full", "randomized"])
+def test_svd_failure_of_an_overflowing_gradient(method):
+    # Finite but ~1e38: the SVD overflows (LinAlgError from the full SVD, a non-finite basis from
+    # the randomized one): the fallback catches both.
+    proj = GaLoreProjector((48, 24), 4, quantize=False, svd_method=method,
+                           refresh=AdaptiveRefresh(update_proj_gap=2))
+    proj.maybe_refresh(torch.randn(48, 24), 0)
+    before = proj.basis().clone()
+    with pytest.warns(RuntimeWarning, match=r"SVD of a projected layer of shape \(48, 24\) failed"):
+        proj.maybe_refresh(torch.randn(48, 24) * 3e38, 2)
+    assert torch.equal(proj.basis(), before) and proj.refresh.svd_failures == 1
+
+
+def test_svd_failure_at_the_first_refresh_takes_a_random_orthonormal_basis(monkeypatch):
+    import qgl.optim.projector as projector_module
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    proj = GaLoreProjector((32, 64), 4, quantize=False, name="attn.q", seed=1, svd_method="full",
+                           refresh=AdaptiveRefresh(update_proj_gap=50))
+    g = torch.randn(32, 64)
+    with monkeypatch.context() as mp:
+        mp.setattr(projector_module, "top_singular_vectors", failing)
+        match = r"SVD of attn\.q failed at its first refresh, step 0.*random"
+        with pytest.warns(RuntimeWarning, match=match):
+            assert proj.maybe_refresh(g, 0)
+    p = proj.basis()
+    assert p.shape == (32, 4) and torch.isfinite(p).all()
+    torch.testing.assert_close(p.T @ p, torch.eye(4), atol=1e-5, rtol=0)
+    assert proj.project(g).shape == (4, 64)  # training goes on
+    assert proj.refresh.next_refresh == 1 and proj.refresh.svd_failures == 1
+    assert proj.maybe_refresh(g, 1)  # tried again at the next step, successfully
+    assert proj.refresh.svd_count == 1 and proj.refresh.last_cos is None  # nothing real to compare with
+    torch.testing.assert_close(proj.basis(), top_singular_vectors(g, 4, "left"), atol=1e-5, rtol=0)
+
+
+def test_the_optimizer_names_the_layer_in_the_warning():
+    from qgl.optim import QGaLoreAdamW
+
+    w = torch.nn.Parameter(torch.randn(48, 32))
+    opt = QGaLoreAdamW([{"params": [w], "rank": 4, "names": ["blocks.0.attn.k"], "update_proj_gap": 1}],
+                       lr=1e-3, check_finite=False)
+    w.grad = torch.randn(48, 32)
+    opt.step()
+    w.grad = torch.randn(48, 32) * 3e38
+    with pytest.warns(RuntimeWarning, match=r"SVD of blocks\.0\.attn\.k failed at its step 1"):
+        opt.step()
+
+
+# -- warm start and the subspace metric -----------------------------------------------------------
+
+def test_randomized_refreshes_warm_start_from_the_stored_basis(monkeypatch):
+    import qgl.optim.projector as projector_module
+
+    seen = []
+    real = projector_module.top_singular_vectors
+
+    def spy(g, rank, side, method, **kwargs):
+        seen.append(kwargs.get("init"))
+        return real(g, rank, side, method, **kwargs)
+
+    monkeypatch.setattr(projector_module, "top_singular_vectors", spy)
+    proj = GaLoreProjector((64, 32), 4, svd_method="randomized", refresh=AdaptiveRefresh(update_proj_gap=1))
+    proj.maybe_refresh(torch.randn(64, 32), 0)
+    stored = proj.basis()
+    proj.maybe_refresh(torch.randn(64, 32), 1)
+    assert seen[0] is None and torch.equal(seen[1], stored)  # first cold, then from the INT4 P
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_subspace_metric_reads_one_for_an_unchanged_subspace_even_in_int4(quantize):
+    proj = GaLoreProjector((64, 32), 6, quantize=quantize, svd_method="full",
+                           refresh=AdaptiveRefresh(update_proj_gap=1, metric="subspace"))
+    g = torch.randn(64, 32)
+    proj.maybe_refresh(g, 0)
+    proj.maybe_refresh(2.0 * g, 1)  # same subspace
+    assert proj.refresh.last_cos == pytest.approx(1.0, abs=1e-5)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    proj.maybe_refresh(u[:, 6:12] @ vh[6:12], 2)  # the next six directions: orthogonal to the first
+    assert proj.refresh.last_cos == pytest.approx(0.0, abs=0.02 if quantize else 1e-5)

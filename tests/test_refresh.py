@@ -102,6 +102,7 @@ def test_state_dict_round_trip_continues_identically():
     ({"gamma_proj": 0.5}, "gamma_proj"),
     ({"queue_size": 0}, "queue_size"),
     ({"update_proj_gap": 10, "max_gap": 5}, "max_gap"),
+    ({"metric": "angle"}, r"unknown refresh_metric 'angle'.*leading, subspace"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -154,3 +155,83 @@ def test_projector_rotating_subspace_keeps_the_schedule(shape):
     assert refresh.gap == 10 and refresh.refresh_steps == list(range(0, 400, 10))
     assert refresh.svd_count == refresh.galore_svds(400) == 40 and not refresh.frozen
     assert max(cosines) < 0.9 and sum(cosines) / len(cosines) < 0.3
+
+
+# -- failed SVDs and the refresh metric ---------------------------------------------------------
+
+def test_record_failure_keeps_the_gap_and_retries():
+    r = AdaptiveRefresh(update_proj_gap=10, queue_size=2, metric="subspace")
+    r.record(0, None, 0.1)
+    r.record_failure(10)
+    assert r.svd_failures == 1 and r.svd_count == 1 and r.next_refresh == 20 and r.queue == []
+    r.record_failure(20, retry_in=1)
+    assert r.next_refresh == 21 and r.gap == 10
+    with pytest.raises(ValueError, match="retry_in"):
+        r.record_failure(21, retry_in=0)
+    b = AdaptiveRefresh()
+    b.load_state_dict(r.state_dict())
+    assert b.metric == "subspace" and b.svd_failures == 2 and b.state_dict() == r.state_dict()
+    old = r.state_dict()
+    for key in ("metric_subspace", "svd_failures"):  # a checkpoint from before these existed
+        old.pop(key)
+    b.load_state_dict(old)
+    assert b.metric == "leading" and b.svd_failures == 0
+
+
+def _swapping_top_pair(m: int, n: int, steps: int):
+    """Gradients of one fixed rank-4 subspace whose top two singular values (nearly equal) trade
+    places at every step: the leading vector flips between two directions, the subspace stays."""
+    u, v = _orthonormal(m, 6), _orthonormal(n, 6)
+    for step in range(steps):
+        eps = 0.05 if step % 2 else -0.05
+        s = torch.tensor([5.0 + eps, 5.0 - eps, 3.0, 2.0, 0.1, 0.1])
+        yield u @ torch.diag(s) @ v.T
+
+
+def _stable_lead_rotating_rest(m: int, n: int, steps: int, seed: int = 0):
+    """A dominant, fixed first direction; the other three of the rank-4 subspace are new random
+    directions (orthogonal to the first) at every step."""
+    gen = torch.Generator().manual_seed(seed)
+    u1, v1 = _orthonormal(m, 1), _orthonormal(n, 1)
+    for _ in range(steps):
+        u = torch.linalg.qr(torch.cat([u1, torch.randn(m, 5, generator=gen)], dim=1)).Q
+        v = torch.linalg.qr(torch.cat([v1, torch.randn(n, 5, generator=gen)], dim=1)).Q
+        yield u @ torch.diag(torch.tensor([10.0, 3.0, 2.5, 2.0, 0.1, 0.1])) @ v.T
+
+
+def _drive(metric: str, stream, shape) -> tuple[AdaptiveRefresh, int | None]:
+    """Feed a gradient stream to a projector; (its refresh, the first step at which it froze)."""
+    from qgl.optim.projector import GaLoreProjector
+
+    refresh = AdaptiveRefresh(update_proj_gap=1, cos_threshold=0.4, gamma_proj=2, queue_size=2,
+                              metric=metric)
+    proj = GaLoreProjector(shape, rank=4, refresh=refresh)
+    frozen_at = None
+    for step, g in enumerate(stream):
+        proj.maybe_refresh(g, step)
+        if frozen_at is None and refresh.frozen:
+            frozen_at = step
+    return refresh, frozen_at
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_subspace_metric_freezes_a_layer_whose_leading_vector_only_swaps(shape):
+    steps = 120
+    lead, lead_frozen = _drive("leading", _swapping_top_pair(*shape, steps), shape)
+    sub, sub_frozen = _drive("subspace", _swapping_top_pair(*shape, steps), shape)
+    # Leading: the top vector flips at every refresh (gap 1, odd-even), |cos| ~ 0, never stable.
+    assert lead.last_cos < 0.1 and lead.gap == 1 and lead_frozen is None and lead.svd_count == steps
+    # Subspace: the same 4 directions every time -> 1.0 -> the gap doubles, frozen (gap >= 8) early.
+    assert sub.last_cos == pytest.approx(1.0, abs=1e-4)
+    assert sub_frozen is not None and sub_frozen < 20 and sub.svd_count < 20
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_subspace_metric_keeps_refreshing_a_layer_whose_rest_rotates(shape):
+    steps = 120
+    lead, lead_frozen = _drive("leading", _stable_lead_rotating_rest(*shape, steps), shape)
+    sub, sub_frozen = _drive("subspace", _stable_lead_rotating_rest(*shape, steps), shape)
+    # Leading: the dominant vector never moves -> |cos| ~ 1 -> frozen early, although 3 of the 4
+    # directions it projects on are stale. Subspace: ~1/4 + chance overlap -> never stable.
+    assert lead.last_cos > 0.999 and lead_frozen is not None and lead_frozen < 20
+    assert sub.last_cos < 0.4 and sub.gap == 1 and sub_frozen is None and sub.svd_count == steps

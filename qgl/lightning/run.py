@@ -48,6 +48,7 @@ class RunStats(Callback):
         self._t0 = self._val_t0 = 0.0
         self._tokens0 = 0
         self._t1: float | None = None  # end of the first optimizer step
+        self.first_step_seconds: float | None = None  # train start to _t1: the step with every first SVD
         self._tokens1 = 0
         self.steady_seconds = 0.0
         self.steady_tokens = 0
@@ -69,6 +70,7 @@ class RunStats(Callback):
             self._window = []
             if self._t1 is None:  # float(loss) above waited for the device: the step is done
                 self._t1, self._tokens1 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
+                self.first_step_seconds = self._t1 - self._t0
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_t0 = time.perf_counter()
@@ -261,6 +263,7 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
+        "first_step_seconds": stats.first_step_seconds,
         "svd_total": subspace.get("svd_total"), "galore_svds": subspace.get("galore_svds"),
         "svd_saved_frac": subspace.get("svd_saved_frac"),
         "subspace_heatmap": subspace.get("heatmap") and os.path.abspath(subspace["heatmap"]),
@@ -284,6 +287,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("val loss / perplexity", f"{_fmt(s['val_loss'])} / {_fmt(s['val_ppl'], '.2f')}")
     rates = f"{_fmt(s['tokens_per_sec'], ',.0f')}; {_fmt(s['tokens_per_sec_after_first_step'], ',.0f')}"
     table.add_row("tokens/s (training; after the first step)", rates)
+    if s.get("first_step_seconds") is not None:
+        table.add_row("first optimizer step (every layer's first SVD)", f"{s['first_step_seconds']:.2f} s")
     kind = "GPU max allocated" if s["memory_kind"] == "cuda" else "process RSS"
     parts = ", ".join(f"{k} {v / _MIB:,.1f}" for k, v in s["memory_parts"].items() if v)
     peak = s["peak_memory_bytes"]

@@ -19,14 +19,27 @@ GaLore's reference keeps P in the weight's dtype too), else fp32. The leading si
 kept in fp32 (m or n floats): the next refresh compares against it, and a rounded copy would add
 noise to a cosine that decides the schedule.
 
+Refresh (`maybe_refresh`): with `svd_method="randomized"` a layer's first basis comes from a
+Gaussian sketch and every later one is warm-started from the previous P (`qgl.optim.svd`). The
+similarity pushed into the refresh queue is the one `refresh.metric` names: "leading" (the paper's:
+|cos| of the new and previous leading singular vectors) or "subspace" (the mean squared cosine of
+the principal angles between the previous and the new P, both as stored, so an unchanged subspace
+reads exactly 1 even in INT4). If the SVD fails (`torch.linalg.LinAlgError`, or a non-finite
+basis from a non-finite or badly conditioned gradient), the layer keeps its previous P, warns
+naming the layer, and tries again at its next scheduled refresh; at a first refresh, with no
+previous P, it takes a random orthonormal basis (seeded like the sketch), warns, and tries again
+at the next step: training continues on a subspace GaLore's random-projection variants show to
+work, rather than stopping at the first step of a long run.
+
 Synchronization: on CUDA, `maybe_refresh` synchronizes the device before and after the SVD to
-time it, and reads the cosine with `.item()`. Refresh steps are the only sync points; `project`
-and `project_back` never synchronize.
+time it, and reads the similarity and the basis' finiteness with `.item()`. Refresh steps are the
+only sync points; `project` and `project_back` never synchronize.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,7 +50,7 @@ from qgl.kernels.mm16 import mm16
 from qgl.optim.refresh import AdaptiveRefresh
 from qgl.optim.settings import GALORE as _G
 from qgl.optim.settings import GaLoreSettings, check_value, rank_fits
-from qgl.optim.svd import top_singular_vectors
+from qgl.optim.svd import subspace_overlap, top_singular_vectors
 from qgl.quant.int4 import Int4Tensor
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -57,21 +70,22 @@ class GaLoreProjector:
         refresh: the layer's schedule and monitor; a default `AdaptiveRefresh()` if None.
         seed: seeds the randomized SVD's sketch, together with the refresh step, so that a run
             (and a run resumed from a checkpoint) computes the same bases.
+        name: the layer's name, for warnings (an SVD that failed).
     """
 
     def __init__(self, shape: tuple[int, int], rank: int, scale: float = _G["scale"],
                  quantize: bool = _G["proj_quant"], group_size: int = _G["proj_group_size"],
                  svd_method: str = _G["svd_method"], refresh: AdaptiveRefresh | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, name: str | None = None) -> None:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"GaLore projects 2-D gradients; got shape {shape}")
         m, n = shape
         # Ranges and choices: GaLoreSettings' (checked once there), under this constructor's names.
-        for field, name, value in (("rank", "rank", rank), ("scale", "scale", scale),
-                                   ("svd_method", "svd_method", svd_method),
-                                   ("proj_group_size", "group_size", group_size)):
-            check_value(GaLoreSettings, field, value, name)
+        for field, label, value in (("rank", "rank", rank), ("scale", "scale", scale),
+                                    ("svd_method", "svd_method", svd_method),
+                                    ("proj_group_size", "group_size", group_size)):
+            check_value(GaLoreSettings, field, value, label)
         rank_fits(rank, (m, n))
         self.shape: tuple[int, int] = (m, n)
         self.rank = int(rank)
@@ -81,6 +95,7 @@ class GaLoreProjector:
         self.svd_method = svd_method
         self.refresh = refresh if refresh is not None else AdaptiveRefresh()
         self.seed = int(seed)
+        self.name = name
         self.side = "right" if m >= n else "left"
         self._p: Int4Tensor | Tensor | None = None  # (rank, n) right / (m, rank) left
         self._lead: Tensor | None = None  # fp32 leading singular vector, (n,) right / (m,) left
@@ -109,7 +124,8 @@ class GaLoreProjector:
     def maybe_refresh(self, grad: Tensor, step: int) -> bool:
         """Compute a new basis from `grad` (m, n) if the layer's step `step` is a refresh step.
 
-        Returns True when it refreshed. The SVD runs in fp32 whatever grad's dtype.
+        Returns True when it refreshed (also when the SVD failed and a fallback basis is in use:
+        see the module docstring). The SVD runs in fp32 whatever grad's dtype.
         """
         self._check_grad(grad)
         if not self.refresh.due(step):
@@ -118,30 +134,68 @@ class GaLoreProjector:
         if cuda:
             torch.cuda.synchronize(grad.device)  # time the SVD only, not the queued backward
         t0 = time.perf_counter()
-        generator = None
-        if self.svd_method == "randomized":
-            generator = torch.Generator(device=grad.device)
-            generator.manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
-        basis = top_singular_vectors(grad, self.rank, self.side, self.svd_method, generator=generator)
+        try:
+            basis = self._svd(grad, step)
+        except torch.linalg.LinAlgError as err:
+            return self._svd_failed(grad, step, str(err).splitlines()[0])
         if cuda:
             torch.cuda.synchronize(grad.device)
         seconds = time.perf_counter() - t0
+        if not bool(torch.isfinite(basis).all()):
+            return self._svd_failed(grad, step, "non-finite singular vectors")
 
         lead = (basis[0] if self.side == "right" else basis[:, 0]).clone()
         cos = None
-        if self._lead is not None:
+        if self.refresh.metric == "leading" and self._lead is not None:
             # |cos|: singular vectors have no intrinsic sign (svd.py normalizes it, but a near
             # tie in the largest entry could still flip it).
             old = self._lead.to(lead.device)
             denom = (lead.norm() * old.norm()).clamp_min(1e-30)
             cos = (torch.dot(lead, old).abs() / denom).item()
+        old_p = self.basis() if self.refresh.metric == "subspace" and self._lead is not None else None
         self._lead = lead
+        self._store(basis, grad.dtype)
+        if old_p is not None:  # both as stored: an unchanged subspace reads 1 even through INT4
+            cos = subspace_overlap(old_p, self.basis(), self.side)
+        self.refresh.record(step, cos, seconds)
+        return True
+
+    def _svd(self, grad: Tensor, step: int) -> Tensor:
+        """The new basis (fp32, in `basis_shape`): exact, or randomized (warm-started from the
+        current P once there is one)."""
+        if self.svd_method != "randomized":
+            return top_singular_vectors(grad, self.rank, self.side, self.svd_method)
+        generator = torch.Generator(device=grad.device)
+        generator.manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        init = self.basis() if self._lead is not None else None  # no warm start from a random fallback
+        return top_singular_vectors(grad, self.rank, self.side, "randomized", generator=generator, init=init)
+
+    def _svd_failed(self, grad: Tensor, step: int, why: str) -> bool:
+        """Fallback of a failed SVD (module docstring): keep P, or take a random orthonormal one."""
+        layer = self.name or f"a projected layer of shape {self.shape}"
+        if self._p is not None:
+            warnings.warn(f"SVD of {layer} failed at its step {step} ({why}); keeping its previous "
+                          f"projection until the next refresh", RuntimeWarning, stacklevel=3)
+            self.refresh.record_failure(step)
+            return True
+        warnings.warn(f"SVD of {layer} failed at its first refresh, step {step} ({why}); using a random "
+                      f"orthonormal projection and trying again at the next step", RuntimeWarning,
+                      stacklevel=3)
+        generator = torch.Generator(device=grad.device)
+        generator.manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        m, n = self.shape
+        k = n if self.side == "right" else m
+        cols = torch.linalg.qr(torch.randn(k, self.rank, device=grad.device, generator=generator)).Q
+        self._store(cols.T.contiguous() if self.side == "right" else cols, grad.dtype)
+        self._lead = None  # the next refresh has nothing meaningful to compare with
+        self.refresh.record_failure(step, retry_in=1)
+        return True
+
+    def _store(self, basis: Tensor, grad_dtype: torch.dtype) -> None:
         if self.quantize:
             self._p = Int4Tensor.from_float(basis, self.group_size)
         else:
-            self._p = basis.to(grad.dtype) if grad.dtype in _HALF else basis
-        self.refresh.record(step, cos, seconds)
-        return True
+            self._p = basis.to(grad_dtype) if grad_dtype in _HALF else basis
 
     # -- projections ----------------------------------------------------------------------------
 

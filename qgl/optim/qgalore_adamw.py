@@ -48,7 +48,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             beyond AdamW's: `rank` (None: plain AdamW), `update_proj_gap`, `scale`, `proj_quant`
             (store P in INT4), `proj_group_size`, `adaptive` (layer-adaptive refresh),
             `cos_threshold`, `gamma_proj`, `queue_size`, `max_gap`, `svd_method`
-            ("full" | "randomized"), `optim_bits` (8 | 32), `min_8bit_size` (smaller tensors keep
+            ("full" | "randomized"), `refresh_metric` ("leading" | "subspace", `qgl.optim.refresh`),
+            `optim_bits` (8 | 32), `min_8bit_size` (smaller tensors keep
             fp32 moments), `seed` and `stochastic_rounding` (False: round INT8 updates to nearest, an
             ablation), `names` (for monitoring).
         layerwise: step each parameter in backward from its post-accumulate-grad hook.
@@ -167,6 +168,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             gamma_proj=group["gamma_proj"],
             queue_size=group["queue_size"],
             max_gap=group["max_gap"],
+            metric=group["refresh_metric"],
         )
         return GaLoreProjector(
             tuple(p.shape),
@@ -176,6 +178,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             group_size=group["proj_group_size"],
             svd_method=group["svd_method"],
             refresh=refresh,
+            name=self.param_name(p),
         )
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SVD_METHODS = ("full", "randomized")
+REFRESH_METRICS = ("leading", "subspace")
 OFFLOAD_MODES = (None, "cpu", "paged")
 OPTIM_BITS = (8, 32)
 
@@ -151,7 +152,13 @@ class GaLoreSettings:
     gamma_proj: float = setting(2.0, "factor applied to a stable layer's gap", real(1.0))
     queue_size: int = setting(5, "cosine similarities averaged before deciding", integer(1))
     max_gap: int | None = setting(None, "cap on a layer's gap (null: none)", integer(1, optional=True))
-    svd_method: str = setting("full", "how projections are computed: full or randomized", one_of(SVD_METHODS))
+    # randomized: keeps >= 99.98% of the exact rank-r energy on a k^-1 spectrum, less loss than the INT4
+    # storage of the exact P (docs/svd.md); full: GaLore's reference numerics.
+    svd_method: str = setting("randomized", "how projections are computed: randomized (warm-started from the "
+                              "previous P) or full", one_of(SVD_METHODS))
+    refresh_metric: str = setting("leading", "what the refresh compares: leading (cosine of the leading "
+                                  "singular vectors, the paper's) or subspace (of the whole subspaces)",
+                                  one_of(REFRESH_METRICS))
 
     def __post_init__(self) -> None:
         check_fields(self, [f.name for f in dataclasses.fields(GaLoreSettings)])
@@ -221,5 +228,5 @@ GALORE = defaults(GaLoreSettings)
 QGALORE = defaults(QGaLoreSettings)
 
 __all__ = ["GaLoreSettings", "OFFLOAD_MODES", "OPTIM_BITS", "OptimizerSettings", "QGaLoreSettings",
-           "SVD_METHODS", "SettingError", "WeightSettings", "check_fields", "check_value", "defaults",
-           "rank_fits", "setting"]
+           "REFRESH_METRICS", "SVD_METHODS", "SettingError", "WeightSettings", "check_fields", "check_value",
+           "defaults", "rank_fits", "setting"]

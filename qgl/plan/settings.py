@@ -121,7 +121,7 @@ class PlanSettings:
     @classmethod
     def from_recipe(cls, cfg: RecipeConfig) -> PlanSettings:
         """The settings of a resolved recipe (`qgl.config.load_recipe`). Methods: qgalore; galore (float
-        weights, float P, as `qgl.callbacks.methods.GALORE`); full / adamw (torch AdamW)."""
+        weights, float P, exact SVD, as `qgl.callbacks.methods.GALORE`); full / adamw (torch AdamW)."""
         if cfg.method not in PLANNABLE_METHODS:
             raise PlanError(f"method {cfg.method!r} cannot be planned yet "
                             f"(plannable: {', '.join(PLANNABLE_METHODS)})")
@@ -135,7 +135,9 @@ class PlanSettings:
                    target_modules=tuple(q.target_modules), exclude=tuple(q.exclude),
                    quantize_weights=q.quantize_weights and quantized, group_size=q.group_size,
                    symmetric=q.symmetric, proj_quant=q.proj_quant and quantized,
-                   proj_group_size=q.proj_group_size, svd_method=q.svd_method, optim_bits=q.optim_bits,
+                   proj_group_size=q.proj_group_size,
+                   svd_method=q.svd_method if quantized else "full",  # galore: the exact SVD
+                   optim_bits=q.optim_bits,
                    min_8bit_size=q.min_8bit_size)
 
 
