@@ -133,6 +133,7 @@ def build(shape: str, method: str, ns: argparse.Namespace, device: torch.device)
         galore = dict(update_proj_gap=200, scale=0.25, svd_method=ns.svd)
         if method == "galore":
             galore.update((k, v) for k, v in GALORE.items() if k != "quantize_weights")
+            galore["svd_method"] = ns.svd  # GALORE's exact SVD takes minutes at 7B; --svd full restores it
         groups = make_param_groups(model, ns.rank, ("attn", "mlp"), ("lm_head",), **galore)
         return model, QGaLoreAdamW(groups, lr=1e-5, layerwise=True)
     for name, p in model.named_parameters():
@@ -242,7 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3, help="steps per row (tokens/s from the second on)")
     ap.add_argument("--rank", type=int, default=64, help="GaLore / Q-GaLore rank")
-    ap.add_argument("--svd", choices=("full", "randomized"), default="randomized")
+    ap.add_argument("--svd", choices=("full", "randomized"), default="randomized",
+                    help="SVD of both galore and qgalore rows (full: GaLore's exact one, minutes at 7B)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
     ap.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU (a smoke run)")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON here")
