@@ -108,6 +108,10 @@ class LoRACallback(Callback):
                      exception: BaseException) -> None:
         unwrap(pl_module, "configure_model")
 
+    def state_dict(self) -> dict[str, Any]:
+        # Saved so that `qgl export` can merge the adapters of a checkpoint (it needs alpha).
+        return {"config": dict(self.config)}
+
 
 def check_4bit(device: torch.device) -> None:
     """Raise a ValueError saying that QLoRA needs CUDA if bitsandbytes cannot quantize to NF4 on `device`."""

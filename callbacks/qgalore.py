@@ -120,6 +120,10 @@ class QGaLoreCallback(OptimizerSwap):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
         if stage == "fit":
             self._check_combination(trainer, pl_module)
+            from qgl.nn import check_rank
+
+            c = self.config  # a rank no targeted layer can hold is refused before the surgery
+            check_rank(pl_module, c["rank"], c["target_modules"], c["exclude"])
             if self.config["subspace_monitor"]:
                 _add_subspace_monitor(trainer)
         if self.config["quantize_weights"]:

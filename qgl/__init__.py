@@ -8,6 +8,9 @@ Core (plain PyTorch, no Lightning needed):
     make_param_groups  split a model into GaLore and plain AdamW groups by module name
     QLinear            nn.Linear with INT8 group-quantized weight storage
     quantize_model     swap chosen nn.Linear modules for QLinear, in place
+    dequantize_model   undo it (and LoRA): QLinear / LoRALinear back to nn.Linear, in place
+    export             write a model or a `qgl train` checkpoint as a Hugging Face directory
+                       (safetensors; qgl.hf_export)
 
 Lightning:
     QGaLoreCallback, SubspaceMonitor, MemoryMonitor   callbacks (qgl.callbacks)
@@ -28,11 +31,13 @@ _LAZY = {
     "make_param_groups": "qgl.optim",
     "QLinear": "qgl.nn",
     "quantize_model": "qgl.nn",
+    "dequantize_model": "qgl.nn",
     "QGaLoreCallback": "qgl.callbacks",
     "SubspaceMonitor": "qgl.callbacks",
     "MemoryMonitor": "qgl.callbacks",
     "NonFiniteGuard": "qgl.callbacks",
     "CausalLMModule": "qgl.lightning",
+    "export": "qgl.hf_export",
 }
 
 __all__ = [*_LAZY]

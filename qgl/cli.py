@@ -1,4 +1,5 @@
-"""`qgl` command line: `qgl train [RECIPE] [key=value ...]`, `qgl recipes`, `qgl plan [RECIPE] [...]`.
+"""`qgl` command line: `qgl train [RECIPE] [key=value ...]`, `qgl recipes`, `qgl plan [RECIPE] [...]`,
+`qgl export CKPT --to DIR`, `qgl eval CKPT_OR_DIR --data SOURCE`.
 
 The command only parses, resolves and prints the recipe; training lives in `qgl.lightning.run`
 (imported lazily, so `qgl --help` and recipe errors answer without loading torch/Lightning).
@@ -122,7 +123,71 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", type=int, metavar="N", default=None,
                       help="GPUs under DDP (default: the recipe's trainer.devices x num_nodes); the plan "
                            "is per GPU, with the optimizer state sharded by matrix (qgalore.shard_state)")
+    _add_hf_commands(sub)
     return parser
+
+
+def _add_hf_commands(sub: Any) -> None:
+    """`qgl export` and `qgl eval` (qgl.hf_export, qgl.evaluate)."""
+    export = sub.add_parser(
+        "export", formatter_class=_Formatter, help="write a checkpoint as a Hugging Face model directory",
+        description="Dequantize the INT8 layers and merge the LoRA adapters of a `qgl train` checkpoint and "
+                    "write a Hugging Face directory (safetensors, config, tokenizer) that "
+                    "`AutoModelForCausalLM.from_pretrained` loads without qgl.",
+        epilog="example:\n  qgl export checkpoints/last.ckpt --to my-model --dtype bf16")
+    export.add_argument("ckpt", metavar="CKPT", help="a checkpoint written by `qgl train`")
+    export.add_argument("--to", required=True, metavar="DIR", help="the directory to write (must not exist, "
+                        "or be empty, unless --overwrite)")
+    export.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weights' dtype")
+    export.add_argument("--tokenizer", metavar="DIR", help="tokenizer to save beside it (default: the "
+                        "checkpoint's model.hf_path, when it has one)")
+    export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    ev = sub.add_parser(
+        "eval", formatter_class=_Formatter, help="loss and perplexity of a checkpoint or model dir on data",
+        description="Loss (mean cross entropy over every labelled token) and perplexity of a `qgl train` "
+                    "checkpoint or a Hugging Face model directory on a data source.",
+        epilog="examples:\n  qgl eval my-model --data val.txt\n"
+               "  qgl eval checkpoints/last.ckpt --data chat.jsonl --format sft --block-size 512")
+    ev.add_argument("model", metavar="CKPT_OR_DIR", help="a checkpoint or a Hugging Face model directory")
+    ev.add_argument("--data", required=True, metavar="SOURCE", help="embedded, a .txt/.jsonl file or folder")
+    ev.add_argument("--format", default="text", choices=("text", "sft"), help="as the recipe key data.format")
+    ev.add_argument("--tokenizer", help="'byte' or a tokenizer directory (default: the model's own)")
+    ev.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    ev.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
+    ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """`qgl export`: exit 2 with one line on a bad checkpoint or destination."""
+    from qgl.hf_export import export
+
+    try:
+        out = export(ns.ckpt, ns.to, dtype=ns.dtype, tokenizer=ns.tokenizer, overwrite=ns.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"qgl: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    print(f"exported {ns.ckpt} -> {out} ({ns.dtype}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """`qgl eval`: print loss and perplexity; exit 2 with one line on bad input."""
+    import torch
+
+    from qgl.evaluate import evaluate
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
+    try:
+        r = evaluate(ns.model, ns.data, tokenizer=ns.tokenizer, block_size=ns.block_size,
+                     batch_size=ns.batch_size, format=ns.format, max_batches=ns.max_batches, device=device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"qgl: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    print(f"{ns.model} on {ns.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.2f} "
+          f"({r['tokens']} tokens, {r['batches']} batches)")
+    return 0
 
 
 def _split(args: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -227,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_recipes()
     if ns.command == "plan":
         return cmd_plan([*ns.args, *extra], ns.gpu_mem, ns.devices)
+    if ns.command == "export":
+        return cmd_export(ns)
+    if ns.command == "eval":
+        return cmd_eval(ns)
     return cmd_train([*ns.args, *extra], dry_run=ns.dry_run)
 
 

@@ -56,8 +56,11 @@ def _betas(name: str, value: Any) -> str | None:
 @dataclass
 class ModelConfig(_Section):
     name: str = _f("tiny", "built-in LLaMA size: tiny, 60m, 130m, 350m, 1b, 7b")
-    hf_path: str | None = _f(None, "local Hugging Face causal-LM directory (fine-tuning); overrides name")
+    hf_path: str | None = _f(None, "Hugging Face causal LM: a local directory or a Hub id (fine-tuning); "
+                             "overrides name")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save activations")
+    dtype: str | None = _f(None, "dtype the Hugging Face model is loaded in: bf16, fp16, fp32 (null: fp32)",
+                           one_of((None, "bf16", "fp16", "fp32")))
 
 
 @dataclass
@@ -71,6 +74,10 @@ class DataConfig(_Section):
     num_workers: int = _f(0, "DataLoader worker processes", integer(0))
     tokenizer: str | None = _f(None, "'byte' or a local HF tokenizer dir (null: model.hf_path, else byte)")
     text_field: str = _f("text", "field of each .jsonl line that holds the text")
+    format: str = _f("text", "'text' (pre-training stream) or 'sft': JSON lines of {prompt, response} or "
+                     "{messages} (chat template), loss on the responses only (qgl.data.sft)",
+                     one_of(("text", "sft")))
+    packing: bool = _f(True, "sft: pack examples into full blocks (false: one padded example a row)")
 
 
 # The recipe section `qgalore` is the one Q-GaLore schema, shared with QGaLoreCallback and the planner.

@@ -161,7 +161,9 @@ def test_inplace_update_between_forward_and_backward_raises():
 def test_stock_optimizer_on_carrier_fails_loudly():
     q = _qlinear()
     q(torch.randn(2, IN)).sum().backward()
-    with pytest.raises(RuntimeError, match="single memory location"):
+    # Issue 18: before the update (not torch's "single memory location ... clone()" error inside it),
+    # naming what to do instead.
+    with pytest.raises(TypeError, match=r"SGD cannot update a QLinear's weight.*dequantize_model"):
         torch.optim.SGD([q.weight], lr=0.1).step()
 
 

@@ -79,8 +79,13 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, source: str | os.PathLike = "corpus", block_size: int = 256, batch_size: int = 8,
                  num_workers: int = 0, val_fraction: float = 0.01, seed: int = 0,
                  tokenizer: str | Tokenizer = "byte", cache_dir: str | os.PathLike | None = None,
-                 text_field: str = "text", hf_split: str = "train") -> None:
+                 text_field: str = "text", hf_split: str = "train", format: str = "text",
+                 packing: bool = True) -> None:
         super().__init__()
+        if format not in ("text", "sft"):
+            raise ValueError(f"data format {format!r} is not one of: text, sft")
+        # "sft": instruction/chat JSON lines, loss on responses only (qgl.data.sft).
+        self.format, self.packing = format, packing
         self.source, self.block_size, self.batch_size = source, block_size, batch_size
         self.num_workers, self.val_fraction, self.seed = num_workers, val_fraction, seed
         self.tokenizer = get_tokenizer(tokenizer)
@@ -97,9 +102,16 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node: tokenize and cache, so that setup() on every rank only maps the file.
+        if self.format == "sft":
+            return  # small, tokenized in setup
         load_tokens(self.source, self.tokenizer, **self._load_kwargs)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and self.format == "sft":
+            from qgl.data.sft import build_sft_datasets
+
+            self.train_set, self.val_set = build_sft_datasets(self.source, self.block_size, self.val_fraction,
+                                                              self.tokenizer, self.packing)
         if self.train_set is None:
             self.train_set, self.val_set = build_datasets(self.source, self.block_size, self.val_fraction,
                                                           self.tokenizer, **self._load_kwargs)

@@ -7,6 +7,7 @@ Both expose the same small interface (`Tokenizer`): `name` (goes into the token 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -80,5 +81,22 @@ def get_tokenizer(spec: str | Tokenizer = "byte") -> Tokenizer:
         return ByteTokenizer()
     if os.path.isdir(spec):
         return HFTokenizer(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or the path of a local Hugging Face "
-                     "tokenizer directory (model hubs are not reached)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith("."):
+        return _hub_tokenizer(spec)
+    raise ValueError(f"unknown tokenizer {spec!r}: use 'byte', the path of a local Hugging Face "
+                     "tokenizer directory, or a Hub id 'org/name' (fetched where the Hub is reachable)")
+
+
+def _hub_tokenizer(repo_id: str) -> HFTokenizer:
+    """The tokenizer of Hub repository `repo_id` ('org/name'), downloaded (and cached) by
+    huggingface_hub; one line naming it where the Hub cannot provide it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.txt", "*.jinja",
+                                                          "*.tiktoken"])
+    except Exception as err:  # offline, unknown repo, gated: all end here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OSError(f"tokenizer {repo_id!r}: not a local directory, and the Hugging Face Hub could not "
+                      f"provide it ({first})") from None
+    return HFTokenizer(path)

@@ -52,14 +52,14 @@ class ScheduleFromConfig(torch.optim.lr_scheduler.LambdaLR):
 
 
 def build_model(model: str | LlamaConfig | dict, activation_checkpointing: bool = False,
-                hf_path: str | None = None, vocab_size: int | None = None) -> nn.Module:
-    """A `LlamaForCausalLM` from a size name, a config (or its dict), or a local HF directory."""
+                hf_path: str | None = None, vocab_size: int | None = None,
+                dtype: str | None = None) -> nn.Module:
+    """A `LlamaForCausalLM` from a size name, a config (or its dict), or a Hugging Face causal LM
+    (`hf_path`: a local directory or a Hub id; `dtype`: bf16/fp16/fp32 to load it in, default fp32)."""
     if hf_path is not None:
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError as err:
-            raise ImportError("loading a Hugging Face model needs transformers: pip install qgl[hf]") from err
-        hf = AutoModelForCausalLM.from_pretrained(hf_path, local_files_only=True)
+        from qgl.models.build import load_hf_causal_lm
+
+        hf = load_hf_causal_lm(hf_path, dtype=dtype).train()  # from_pretrained returns it in eval mode
         if activation_checkpointing:
             hf.gradient_checkpointing_enable()
         return hf
@@ -80,7 +80,8 @@ class CausalLMModule(pl.LightningModule):
         lr, weight_decay, betas: torch AdamW's.
         warmup_steps, max_steps, min_lr_ratio: the schedule (`WarmupCosine`), stepped every step.
         activation_checkpointing: recompute each block in backward.
-        hf_path: a local Hugging Face causal-LM directory, used instead of `model`.
+        hf_path: a Hugging Face causal LM (local directory or Hub id), used instead of `model`.
+        dtype: of the Hugging Face model's weights (bf16, fp16, fp32; None: fp32).
         vocab_size: override the config's (e.g. to the tokenizer's).
 
     Logs `train/loss`, `train/ppl` (exp of the step's loss: the batch's perplexity, without a
@@ -91,13 +92,13 @@ class CausalLMModule(pl.LightningModule):
     def __init__(self, model: str | LlamaConfig | dict = "tiny", lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100, max_steps: int = 1000,
                  min_lr_ratio: float = 0.1, activation_checkpointing: bool = False,
-                 hf_path: str | None = None, vocab_size: int | None = None) -> None:
+                 hf_path: str | None = None, vocab_size: int | None = None, dtype: str | None = None) -> None:
         super().__init__()
         # Saved as plain types, so that checkpoints load with torch.load(weights_only=True).
         model = asdict(model) if isinstance(model, LlamaConfig) else model
         betas = (float(betas[0]), float(betas[1]))
         self.save_hyperparameters()
-        self.model = build_model(model, activation_checkpointing, hf_path, vocab_size)
+        self.model = build_model(model, activation_checkpointing, hf_path, vocab_size, dtype)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.tokens_seen = 0
         self._last_time: float | None = None

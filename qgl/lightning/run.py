@@ -157,7 +157,7 @@ def _data_module(cfg: RecipeConfig) -> Any:
     tokenizer = d.tokenizer or cfg.model.hf_path or "byte"
     return TextDataModule(source=source, block_size=d.block_size, batch_size=d.batch_size,
                           num_workers=d.num_workers, val_fraction=d.val_fraction, seed=cfg.seed,
-                          tokenizer=tokenizer, text_field=d.text_field)
+                          tokenizer=tokenizer, text_field=d.text_field, format=d.format, packing=d.packing)
 
 
 def _vocab_size(cfg: RecipeConfig, tokenizer_vocab: int) -> int | None:
@@ -177,7 +177,7 @@ def _module(cfg: RecipeConfig, tokenizer_vocab: int) -> L.LightningModule:
                           warmup_steps=o.warmup_steps, max_steps=cfg.trainer.max_steps,
                           min_lr_ratio=o.min_lr_ratio, hf_path=cfg.model.hf_path,
                           activation_checkpointing=cfg.model.activation_checkpointing,
-                          vocab_size=_vocab_size(cfg, tokenizer_vocab))
+                          vocab_size=_vocab_size(cfg, tokenizer_vocab), dtype=cfg.model.dtype)
 
 
 def _callbacks(cfg: RecipeConfig, extra: Sequence[Callback] = (), run_dir: str = ".",

@@ -48,10 +48,14 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False
     tie_embeddings: bool = False
+    num_kv_heads: int | None = None  # grouped-query attention (HF num_key_value_heads); None: num_heads
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
@@ -86,7 +90,8 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 def count_parameters(cfg: LlamaConfig) -> int:
     """Number of distinct parameters of `LlamaForCausalLM(cfg)`, from the config alone."""
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    per_block = 4 * h * h + 3 * h * i + 2 * h  # attention, MLP, two norms
+    kv = (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim
+    per_block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # attention, MLP, two norms
     head = 0 if cfg.tie_embeddings else v * h
     return v * h + cfg.num_layers * per_block + h + head
 
@@ -130,10 +135,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        h = cfg.hidden_size
+        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+        h, kv = cfg.hidden_size, self.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,9 +147,12 @@ class Attention(nn.Module):
         B, T, H = x.shape
         # [B, T, H] -> [B, nh, T, hd]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention: each kv head serves a group
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H))
 

@@ -178,4 +178,7 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str] = ("attn", "mlp")
     for name, p in model.named_parameters():
         adapter = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
         p.requires_grad_(adapter or (id(p) not in frozen and _matches(name, trainable)))
+    from .restore import guard_hf_saves  # restore imports this module
+
+    guard_hf_saves(model)  # save_pretrained writes merged weights, not base/adapter keys
     return adapters

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
 import qgl.kernels as _k
 from qgl.quant import Int8Tensor, attach_storage, storage_of
@@ -374,3 +375,23 @@ class QLinear(nn.Module):
         if isinstance(cs, _CarrierState):
             params["weight"] = None  # replaced (same key, same order) by _set_carrier
             self._set_carrier(cs.base, cs.requires_grad)
+
+
+def _refuse_stock_optimizers(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Optimizer step pre-hook (every optimizer): a stock optimizer given a QLinear's gradient
+    carrier would fail deep inside its update with torch's "more than one element of the written-to
+    tensor ... clone()" error (the carrier is a stride-0 view); say what to do instead."""
+    if type(optimizer).__module__.startswith("qgl."):  # qgl's optimizers update QLinear's buffers
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = getattr(p, "_qgl_owner", None)
+            if owner is not None and p.grad is not None:
+                raise TypeError(
+                    f"{type(optimizer).__name__} cannot update a QLinear's weight (INT8 buffers; its "
+                    "`weight` is a zero-memory gradient carrier): train it with qgl.QGaLoreAdamW / "
+                    "QGaLoreCallback, or call qgl.dequantize_model(model) first to turn the QLinear "
+                    "layers back into nn.Linear, or freeze them (requires_grad_(False))")
+
+
+_register_optimizer_step_pre_hook(_refuse_stock_optimizers)

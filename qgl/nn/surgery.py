@@ -10,7 +10,7 @@ from torch import nn
 
 from .qlinear import QLinear
 
-__all__ = ["quantize_model", "quantized_modules"]
+__all__ = ["check_rank", "is_conv1d", "quantize_model", "quantized_modules"]
 
 # Modules that read their Linear children's `.weight` directly instead of calling them (MHA always;
 # TransformerEncoderLayer on its inference fast path): on a QLinear that is the zero-valued carrier.
@@ -26,6 +26,23 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
         elif p in name:
             return True
     return False
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored
+    transposed, ``[in, out]``, computing ``x @ weight + bias`` (checked by name: no transformers import)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what HF ``Conv1D`` computes (weight transposed to ``[out, in]``;
+    one float copy of this layer)."""
+    w = conv.weight
+    linear = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device="meta", dtype=w.dtype)
+    linear.weight = nn.Parameter(w.detach().t().contiguous(), w.requires_grad)
+    if conv.bias is not None:
+        linear.bias = conv.bias
+    return linear
 
 
 def _check_patterns(kind: str, patterns: Sequence[str]) -> tuple[str, ...]:
@@ -66,6 +83,12 @@ def quantize_model(
     zero-valued gradient carrier) and Linear layers whose weight Parameter is shared with another
     module (tied weights). Other code that reads ``.weight`` of a targeted layer must be excluded.
 
+    Hugging Face ``Conv1D`` layers (GPT-2 family: weight ``[in, out]``) are targeted like linears and
+    become QLinears of the transposed weight (``dequantize_model`` and ``qgl.export`` transpose back).
+    A Hugging Face model in ``model`` gets a ``save_pretrained`` that writes the dequantized weights
+    under their ``weight`` keys (``qgl.nn.guard_hf_saves``), so it never saves INT8 buffers that
+    ``from_pretrained`` would drop.
+
     Idempotent: already-quantized layers count as matches. Returns ``model``.
     Raises ValueError listing the model's Linear names when no layer matches.
     """
@@ -90,7 +113,7 @@ def quantize_model(
     already = 0
     for key, names in paths.items():
         mod, name = modules[key], names[0]
-        if not isinstance(mod, nn.Linear | QLinear) or name == "":  # the root cannot be swapped in place
+        if not (isinstance(mod, nn.Linear | QLinear) or is_conv1d(mod)) or name == "":  # root: not in place
             continue
         linear_names.append(name)
         if not _matches(name, target_modules) or _matches(name, exclude):
@@ -119,7 +142,10 @@ def quantize_model(
         )
 
     for lin in todo:
-        q = QLinear.from_linear(lin, group_size=group_size, symmetric=symmetric)
+        conv = is_conv1d(lin)
+        q = QLinear.from_linear(_as_linear(lin) if conv else lin, group_size=group_size, symmetric=symmetric)
+        if conv:
+            q._qgl_conv1d = True  # the export writes the weight back as [in, out]
         for path in paths[id(lin)]:
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name), child, q)
@@ -128,9 +154,29 @@ def quantize_model(
         if lin.bias is not None:
             lin.bias = None
         del q
+    from .restore import guard_hf_saves  # restore imports lora, which imports this module
+
+    guard_hf_saves(model)
     return model
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QLinear]:
     """Qualified name -> ``QLinear`` for every QLinear in ``model`` (``named_modules`` order)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def check_rank(model: nn.Module, rank: int, target_modules: Sequence[str] = ("attn", "mlp"),
+               exclude: Sequence[str] = ("lm_head",)) -> None:
+    """Raise ValueError, before any surgery, when ``rank`` exceeds ``min(out, in)`` of a targeted
+    linear (nn.Linear, QLinear or HF Conv1D), naming ``rank=`` and the largest rank that fits."""
+    target_modules = _check_patterns("target_modules", target_modules)
+    exclude = _check_patterns("exclude", exclude)
+    small = [(min(m.weight.shape), name) for name, m in model.named_modules()
+             if name and (isinstance(m, nn.Linear | QLinear) or is_conv1d(m))
+             and _matches(name, target_modules) and not _matches(name, exclude)
+             and getattr(m, "weight", None) is not None and m.weight.requires_grad  # frozen: not projected
+             and min(m.weight.shape) < rank]
+    if small:
+        fits, name = min(small)
+        raise ValueError(f"rank={rank} is larger than {len(small)} targeted layer(s), e.g. {name!r} "
+                         f"(smallest side {fits}); set rank<={fits} (qgalore.rank), or exclude those layers")

@@ -164,6 +164,7 @@ def model_config(cfg: RecipeConfig) -> tuple[str, LlamaConfig]:
         config = LlamaConfig(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                              intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
                              num_heads=d["num_attention_heads"],
+                             num_kv_heads=d.get("num_key_value_heads"),
                              max_seq_len=d.get("max_position_embeddings", 2048),
                              tie_embeddings=bool(d.get("tie_word_embeddings", False)))
     except KeyError as e:
