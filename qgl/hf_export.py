@@ -210,7 +210,12 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
     path = Path(path).expanduser()
     if not path.is_file():
         raise ExportError(f"{path}: checkpoint file not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from qgl.lightning.checkpoint import CheckpointError, load_checkpoint
+
+    try:  # checksummed, tensors and plain types only (never unpickles code)
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
     hp = ckpt.get("hyper_parameters") or {}
     if "state_dict" not in ckpt or "model" not in hp:
         raise ExportError(f"{path}: not a checkpoint of qgl's CausalLMModule (no state_dict or no 'model' "

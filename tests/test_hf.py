@@ -336,5 +336,7 @@ def test_qgl_train_sft_recipe_then_export(tmp_path, monkeypatch):
             "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "logger.wandb=false",
             "checkpoint.dir=ck", "optim.warmup_steps=1"]
     assert main(args) == 0
-    assert main(["export", "ck/last.ckpt", "--to", "out"]) == 0
+    # A relative checkpoint.dir lies inside the run's own directory (README, "Runs and resume").
+    [last] = (tmp_path / "runs").rglob("ck/last.ckpt")
+    assert main(["export", str(last), "--to", "out"]) == 0
     assert tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
