@@ -32,7 +32,7 @@ On a GPU the projections take the *dense* path by default (``path="auto"``, env
 ``QGL_INT4_PROJECTION=fused`` to force the kernel): P is dequantized to a transient bf16 (or fp16)
 matrix, a few MB, and the product runs in cuBLAS with fp32 output (``torch.mm(out_dtype=)``),
 operands rounded exactly as the fused kernel rounds them. The in-loop nibble unpacking costs the
-fused kernel more than the dequantization costs the dense path (benchmarks/kernels.py prints both).
+fused kernel more than the dequantization costs the dense path (benchmarks/kernels_bench.py prints both).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ path instead: W is dequantized into a transient ``x.dtype`` matrix (``_decode``:
 symmetric W, else ``dequantize_int8_triton``; ~3 bytes an element) and the product runs in cuBLAS.
 There the matmul is compute-bound and cuBLAS's Hopper kernels beat the fused kernel, whose int8 ->
 bf16 conversion sits in the wgmma loop, by far more than the dequantization costs
-(benchmarks/kernels.py prints both). The transient is one layer's weight, freed when the product
+(benchmarks/kernels_bench.py prints both). The transient is one layer's weight, freed when the product
 returns. Same math as the reference either way: W dequantized in fp32, rounded once to the activation dtype.
 """
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -340,3 +343,16 @@ def test_qgl_train_sft_recipe_then_export(tmp_path, monkeypatch):
     [last] = (tmp_path / "runs").rglob("ck/last.ckpt")
     assert main(["export", str(last), "--to", "out"]) == 0
     assert tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+def test_transformers_imports_with_the_checkout_on_sys_path():
+    """qgl's top-level kernels/ must not shadow the Hub's `kernels` package that transformers imports,
+    with the checkout's root (python -m pytest, python -c there) first on sys.path."""
+    root = Path(qgl.__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from qgl._hf import transformers; "
+            "v = transformers().__version__; k = sys.modules.get('kernels'); "
+            "print(v, getattr(k, '__file__', None))")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not proc.stdout.split()[-1].startswith(str(root / "kernels")), proc.stdout

@@ -1,6 +1,6 @@
 """Benchmark of the Triton kernels on a CUDA GPU against the device's measured ceilings.
 
-    python benchmarks/kernels.py [--out results.json] [--quick]
+    python benchmarks/kernels_bench.py [--out results.json] [--quick]
 
 Prints one markdown table (device, torch/triton versions, date):
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["w8a16", "memory", "int4"], action="append", help="only this group")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        msg = "error: benchmarks/kernels.py needs a CUDA GPU; torch.cuda.is_available() is False"
+        msg = "error: benchmarks/kernels_bench.py needs a CUDA GPU; torch.cuda.is_available() is False"
         print(msg, file=sys.stderr)
         return 2
     import triton
