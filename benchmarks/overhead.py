@@ -64,7 +64,7 @@ def _layerwise(method: str, m: int, n: int, rank: int, check_finite: bool):
 
     def update() -> None:
         p.grad = grad
-        opt.layerwise._on_grad(p)  # its finite flag is read by step(), never called here
+        opt.layerwise.update_from_grad(p)  # its finite flag is read by step(), never called here
 
     update()  # the first update computes P (an SVD): not timed
     return update

@@ -10,7 +10,9 @@ parameters and INT8 buffers qgl manages (every trainable parameter: `QGaLoreAdam
 from the post-accumulate-grad hooks of `qgl.optim.distributed.DistributedLayerwise`); as nothing
 is then left for DDP's reducer, the module is not wrapped (DDP refuses a module without gradients
 to reduce), and the initial broadcast from rank 0 is qgl's (`broadcast_weights`: INT8 codes and
-scales, never a stride-0 gradient carrier). `DistributedQGaLore` attaches the driver at fit start.
+scales, never a stride-0 gradient carrier). `DistributedQGaLore` calls `QGaLoreAdamW.distribute()` at
+fit start; the optimizer Lightning holds then does the collectives itself (`step`, and
+`consolidate_state_dict` before Lightning's `state_dict()` of a checkpoint).
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ def prepare_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 class DistributedQGaLore(Callback):
-    """Attach `DistributedLayerwise` to the QGaLoreAdamW at fit start (after Lightning set up the
-    optimizer, before it restores a checkpoint), after broadcasting rank 0's weights and buffers.
+    """`QGaLoreAdamW.distribute()` at fit start (after Lightning set up the optimizer, before it
+    restores a checkpoint), after broadcasting rank 0's weights and buffers.
 
     Args:
         shard: optimizer state sharded by matrix (`qgl.optim.distributed`), else all-reduce.
@@ -104,7 +106,7 @@ class DistributedQGaLore(Callback):
         self.driver: Any = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from qgl.optim.distributed import DistributedLayerwise, broadcast_weights
+        from qgl.optim.distributed import broadcast_weights
         from qgl.quant import storage_of
 
         optimizer = next(o for o in trainer.optimizers if hasattr(o, "subspace_stats"))
@@ -112,7 +114,7 @@ class DistributedQGaLore(Callback):
         # INT8 codes and scales are among the buffers) and buffers.
         params = [p for p in pl_module.parameters() if storage_of(p) is None]
         broadcast_weights([*params, *pl_module.buffers()])
-        self.driver = DistributedLayerwise(optimizer, shard=self.shard)
+        self.driver = optimizer.distribute(shard=self.shard)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -129,6 +131,5 @@ class DistributedQGaLore(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         if self.driver is not None:
-            for handle in self.driver._handles:
-                handle.remove()
+            self.driver.remove(finish=False)  # pending communication may never complete now
             self.driver = None

@@ -76,7 +76,7 @@ class NonFinite(L.Callback):
         self.step = step
 
     def on_train_start(self, trainer, pl_module) -> None:
-        driver = trainer.optimizers[0]._qgl_distributed
+        driver = trainer.optimizers[0].distributed
         p = next(p for p in driver.params if driver.owners[p] == 0)
         # A tensor hook runs before the gradient is accumulated, hence before qgl's reduction.
         p.register_hook(lambda g: g * float("nan") if trainer.global_rank == 1
@@ -166,8 +166,8 @@ def main() -> None:
     optimizer = trainer.optimizers[0]
     nbytes = optimizer.state_nbytes() if hasattr(optimizer, "state_nbytes") else {}
     stats = optimizer.subspace_stats() if hasattr(optimizer, "subspace_stats") else {}
-    # This rank's own SVDs (the class's method: the instance's gathers every owner's).
-    local = type(optimizer).subspace_stats(optimizer) if hasattr(optimizer, "subspace_stats") else {}
+    # This rank's own SVDs (subspace_stats gathers every owner's).
+    local = optimizer.local_subspace_stats() if hasattr(optimizer, "subspace_stats") else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"losses": record.losses, "state_dict": module.state_dict(), "state_nbytes": nbytes,

@@ -238,3 +238,50 @@ def test_balance_spreads_matrices_and_plain_parameters():
     # Largest first onto the least loaded: the matrices (SVDs) spread, then the plain ones even the bytes.
     assert owners == [0, 1, 1, 0, 0, 0, 0]
     assert balance(costs, 1) == [0] * len(costs)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_distribute_is_explicit_and_equals_the_local_optimizer(layerwise, tmp_path):
+    """`QGaLoreAdamW.distribute()` on a one-process gloo group: the optimizer's own methods go through
+    `optimizer.distributed` (no instance attribute is replaced) and give the single-process results."""
+    import torch.distributed as dist
+
+    from qgl.optim import QGaLoreAdamW
+    from qgl.optim.distributed import DistributedLayerwise
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def build() -> tuple[torch.nn.Linear, QGaLoreAdamW]:
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(16, 12)
+            groups = [{"params": [lin.weight], "rank": 4, "update_proj_gap": 2}, {"params": [lin.bias]}]
+            return lin, QGaLoreAdamW(groups, lr=1e-2, layerwise=layerwise)
+
+        (ref, ref_opt), (lin, opt) = build(), build()
+        assert opt.distributed is None
+        opt.consolidate_state_dict()  # nothing to gather on one process
+        driver = opt.distribute(shard=True)
+        assert isinstance(driver, DistributedLayerwise) and opt.distributed is driver
+        assert "step" not in vars(opt) and "state_dict" not in vars(opt)
+        with pytest.raises(RuntimeError, match="already called"):
+            opt.distribute()
+        x = torch.randn(8, 16)
+        for _ in range(3):
+            for model, o in ((ref, ref_opt), (lin, opt)):
+                model(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+        assert torch.equal(lin.weight, ref.weight) and torch.equal(lin.bias, ref.bias)
+        assert opt.subspace_stats().keys() == ref_opt.subspace_stats().keys() != set()
+        opt.consolidate_state_dict()
+        sd = opt.state_dict()
+        assert sd["state"].keys() == ref_opt.state_dict()["state"].keys() == {0, 1}
+        opt.load_state_dict(sd)
+        assert opt.local_state_dict()["state"][0]["step"] == 3
+        # The non-finite check is the collective one (its message names the rank).
+        (lin(x) * float("nan")).sum().backward()
+        with pytest.raises(FloatingPointError, match="rank 0: non-finite gradient"):
+            opt.step()
+        driver.remove()
+    finally:
+        dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Data-parallel QGaLoreAdamW: layer-wise updates with gradients reduced across processes.
 
-    driver = DistributedLayerwise(optimizer, shard=True)   # after QGaLoreAdamW(...)
+    optimizer = QGaLoreAdamW(...)
+    optimizer.distribute(shard=True)   # -> optimizer.distributed, a DistributedLayerwise
 
 Every trainable parameter's gradient is averaged over the ranks from its post-accumulate-grad
 hook, before its update, so layer-wise updates stay layer-wise and no full-model gradient is
@@ -21,10 +22,13 @@ The gradient is divided by the world size before the sum: with N a power of two 
 so the averaged gradient has the bits of the single-process sum of the N micro-batch gradients
 of loss/N (gradient accumulation over the same global batch).
 
-Checkpoints: `consolidate_state_dict()` (Lightning calls it before `state_dict()` on every rank,
-as for `ZeroRedundancyOptimizer`) gathers the owners' states to rank 0, so the checkpoint holds the
-single-process optimizer state and loads on any world size; `load_state_dict` keeps the states of
-the parameters this rank owns.
+The optimizer consults its `distributed` explicitly: `QGaLoreAdamW.step` calls `step` here (the
+non-finite check made collective: under sharding only an owner sees its reduced gradient; sharded
+and not layer-wise, the weights broadcast from their owners), `subspace_stats` calls `gather_stats`.
+Checkpoints: `QGaLoreAdamW.consolidate_state_dict()` (Lightning calls it before `state_dict()` on
+every rank, as for `ZeroRedundancyOptimizer`) calls `consolidate_state_dict` here, which gathers
+the owners' states to rank 0, so the checkpoint holds the single-process optimizer state and loads
+on any world size; `QGaLoreAdamW.load_state_dict` keeps the states this rank owns (`owned_state`).
 """
 
 from __future__ import annotations
@@ -41,10 +45,6 @@ from qgl.quant import storage_of
 
 if TYPE_CHECKING:
     from qgl.optim.qgalore_adamw import QGaLoreAdamW
-
-
-def _raise(message: str) -> None:
-    raise FloatingPointError(message)
 
 
 def state_cost(p: Tensor, group: dict[str, Any]) -> int:
@@ -103,6 +103,7 @@ def broadcast_weights(params: list[Tensor], src: int = 0, group: Any = None) -> 
 
 class DistributedLayerwise:
     """Reduce-then-update hooks in place of the optimizer's layer-wise ones (see the module docstring).
+    Made by `QGaLoreAdamW.distribute()`, which keeps it as `optimizer.distributed`.
 
     Without `layerwise` the hooks only reduce (the owner keeps the averaged gradient, a non-owner
     frees it) and the optimizer's `step` updates the owned parameters, then broadcasts every weight
@@ -135,7 +136,6 @@ class DistributedLayerwise:
             self.driver.remove()  # our hooks call the driver's update after the reduction
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params
                          if p.requires_grad]
-        self._patch_optimizer()
 
     def owns(self, p: Tensor) -> bool:
         """Whether this rank holds `p`'s state and runs its update."""
@@ -165,7 +165,7 @@ class DistributedLayerwise:
         if not self.owns(p):
             p.grad = None
         elif self.driver is not None:
-            self.driver._on_grad(p)  # finite check, clip, update, free the gradient
+            self.driver.update_from_grad(p)  # finite check, clip, update, free the gradient
         if self.shard and self.driver is not None:
             src = self._global[self.owners[p]]
             self._broadcasts += [dist.broadcast(t, src, group=self.group, async_op=True)
@@ -181,59 +181,40 @@ class DistributedLayerwise:
             work.wait()
         self._broadcasts = []
 
-    def remove(self) -> None:
-        """Detach the hooks."""
-        self.flush()
+    def remove(self, finish: bool = True) -> None:
+        """Detach the hooks; `finish=False` (after an exception) does not wait for pending communication."""
+        if finish:
+            self.flush()
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     # ------------------------------------------------------------------ state: bytes, checkpoints, stats
 
-    def _patch_optimizer(self) -> None:
-        """Give the optimizer instance the sharded-state protocol Lightning knows from
-        `ZeroRedundancyOptimizer` (`consolidate_state_dict`), a `load_state_dict` that keeps the
-        owned states, and `subspace_stats` gathered from the owners."""
-        opt = self.optimizer
-        cls = type(opt)
-        opt.consolidate_state_dict = self.consolidate_state_dict  # type: ignore[attr-defined]
-        opt.state_dict = self.state_dict  # type: ignore[method-assign]
-        opt.load_state_dict = self.load_state_dict  # type: ignore[method-assign]
-        opt.subspace_stats = self.subspace_stats  # type: ignore[method-assign]
-        opt._qgl_distributed = self  # type: ignore[attr-defined]
-        self._cls = cls
-        if self.shard and self.driver is not None:  # only a gradient's owner sees its reduced value:
-            self._raise_local = self.driver.raise_if_nonfinite  # every rank must raise together
-            self.driver.raise_if_nonfinite = self.raise_if_nonfinite  # type: ignore[method-assign]
-        elif self.shard:
-            opt.step = self.step  # type: ignore[method-assign]
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Not layer-wise, sharded: the optimizer's step on the owned gradients (the closure's backward
-        reduced them), then every weight broadcast from its owner; a non-finite gradient raises on
-        every rank."""
+        """`QGaLoreAdamW.step` under DDP: its `local_step` (the closure's backward reduced the
+        gradients); under sharding a non-finite gradient met by any owner raises on every rank, and
+        without a layer-wise driver every weight is then broadcast from its owner."""
+        if not self.shard:  # every rank holds the same gradients: the local check agrees everywhere
+            return self.optimizer.local_step(closure)
         message = None
         try:
-            loss = self._cls.step(self.optimizer, closure)
+            loss = self.optimizer.local_step(closure)
         except FloatingPointError as err:
             loss, message = None, str(err)
-        self._raise_local = lambda: None if message is None else _raise(message)
-        self.raise_if_nonfinite()
-        works = [dist.broadcast(t, self._global[self.owners[p]], group=self.group, async_op=True)
-                 for p in self.params for t in weight_tensors(p)]
-        for work in works:
-            work.wait()
+        self.raise_if_any_nonfinite(message)
+        if self.driver is None:  # the layer-wise hooks broadcast each weight after its update
+            works = [dist.broadcast(t, self._global[self.owners[p]], group=self.group, async_op=True)
+                     for p in self.params for t in weight_tensors(p)]
+            for work in works:
+                work.wait()
         return loss
 
-    def raise_if_nonfinite(self) -> None:
-        """Collective: raise FloatingPointError on every rank if any owner met a non-finite gradient
-        since the last call (one all-reduce of a flag a step; the messages are gathered only then)."""
-        try:
-            self._raise_local()
-            message = None
-        except FloatingPointError as err:
-            message = str(err)
+    def raise_if_any_nonfinite(self, message: str | None) -> None:
+        """Collective: raise FloatingPointError on every rank if any rank's `message` (its local
+        non-finite error, None if none) is set (one all-reduce of a flag a step; the messages are
+        gathered only then)."""
         device = self.params[0].device if self.params[0].device.type != "cpu" else torch.device("cpu")
         flag = torch.tensor([0 if message is None else 1], device=device)
         dist.all_reduce(flag, group=self.group)
@@ -244,7 +225,7 @@ class DistributedLayerwise:
 
     def local_state_dict(self) -> dict[str, Any]:
         """This rank's `state_dict()` (the states it owns)."""
-        return self._cls.state_dict(self.optimizer)
+        return self.optimizer.local_state_dict()
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective: gather every owner's states into rank `to`'s next `state_dict()`."""
@@ -266,15 +247,15 @@ class DistributedLayerwise:
         out, self._consolidated = self._consolidated, None
         return out if out is not None else self.local_state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a single-process (consolidated) state dict, keeping the states this rank owns."""
+    def owned_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A single-process (consolidated) state dict with only the states this rank owns (what
+        `QGaLoreAdamW.load_state_dict` loads)."""
         keep = {i for i, p in enumerate(self.params) if self.owns(p)}
         state = {k: v for k, v in state_dict["state"].items() if int(k) in keep}
-        self._cls.load_state_dict(self.optimizer, {**state_dict, "state": state})
+        return {**state_dict, "state": state}
 
-    def subspace_stats(self) -> dict[str, dict[str, Any]]:
-        """Collective under sharding: every owner's `subspace_stats()`, merged on every rank."""
-        local = self._cls.subspace_stats(self.optimizer)
+    def gather_stats(self, local: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Collective under sharding: every owner's `local_subspace_stats()`, merged on every rank."""
         if not self.shard:
             return local
         parts: list[Any] = [None] * self.world_size

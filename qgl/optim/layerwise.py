@@ -37,9 +37,10 @@ class LayerwiseDriver:
             `raise_if_nonfinite`).
         clip_norm: clip each gradient to this norm before its update.
 
-    The hook, `_on_grad`, is the one place where a gradient meets its update: check and clip it,
-    `self.update(p)`, free it. A distributed wrapper reduces the gradient there before the update
-    and broadcasts the weight after it.
+    `update_from_grad(p)` is the one place where a gradient meets its update: check and clip it,
+    `self.update(p)`, free it. The driver's own hook calls it unless `defer`; under DDP,
+    `qgl.optim.distributed.DistributedLayerwise` holds the hooks instead (`remove()` detaches
+    these) and calls it on the owner once the gradient is reduced.
     """
 
     def __init__(
@@ -65,10 +66,13 @@ class LayerwiseDriver:
             p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad
         ]
 
-    @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
-        if self.defer:
-            return
+        if not self.defer:  # else: accumulating micro-batches, the gradient stays in `.grad`
+            self.update_from_grad(p)
+
+    @torch.no_grad()
+    def update_from_grad(self, p: Tensor) -> None:
+        """Check `p.grad` (non-finite entries flagged and zeroed), clip it, `update(p)`, free it."""
         if self.check_finite:
             # The flag stays on the device (a sync here would stall backward once per parameter);
             # the update runs before it is read, so it takes the gradient with non-finite entries zeroed.

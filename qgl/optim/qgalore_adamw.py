@@ -16,12 +16,17 @@ order of work: `update_param` looks them up and calls `apply_update` once, insid
 `update_param` from every trainable parameter's post-accumulate-grad hook and frees the gradient,
 so no full-model gradient exists (see `qgl/optim/layerwise.py` for the rules on accumulation and
 clipping).
+
+Data-parallel training: `distribute(shard=..., group=...)` attaches a
+`qgl.optim.distributed.DistributedLayerwise` (`self.distributed`), which reduces each gradient
+before its update; `step`, `state_dict`, `load_state_dict`, `consolidate_state_dict` and
+`subspace_stats` then consult it (each says how). Without it they are the single-process ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +40,9 @@ from qgl.optim.refresh import AdaptiveRefresh
 from qgl.optim.settings import GALORE, QGALORE, GaLoreSettings, OptimizerSettings, check_value, rank_fits
 from qgl.optim.update import apply_update
 from qgl.quant import storage_of
+
+if TYPE_CHECKING:
+    from qgl.optim.distributed import DistributedLayerwise
 
 # GaLore group keys and their defaults: `qgl.optim.settings.GaLoreSettings`' fields; rank None: plain AdamW.
 GALORE_DEFAULTS: dict[str, Any] = {**GALORE, "rank": None}
@@ -131,6 +139,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             if layerwise
             else None
         )
+        self.distributed: DistributedLayerwise | None = None  # set by `distribute()`
         if layerwise_clip_norm is not None and not layerwise:
             raise ValueError(
                 "layerwise_clip_norm needs layerwise=True; without it, clip with "
@@ -190,6 +199,23 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         state["projector"] = projector
         state.update(init_moments(projector.low_shape, p.device, group["optim_bits"], group["min_8bit_size"]))
 
+    def distribute(self, shard: bool = True, group: Any = None) -> DistributedLayerwise:
+        """Make this optimizer data-parallel over `group` (default: the world; torch.distributed
+        must be initialized): a `qgl.optim.distributed.DistributedLayerwise` takes over the
+        layer-wise hooks (reduce, then update) and is kept as `self.distributed`.
+
+        Args:
+            shard: each parameter's state on one owner rank (reduce + weight broadcast), else
+                all-reduce and every rank holds every state.
+            group: the process group.
+        """
+        from qgl.optim.distributed import DistributedLayerwise
+
+        if self.distributed is not None:
+            raise RuntimeError("QGaLoreAdamW.distribute() was already called on this optimizer")
+        self.distributed = DistributedLayerwise(self, shard=shard, group=group)
+        return self.distributed
+
     # ----------------------------------------------------------------- the update
 
     @torch.no_grad()
@@ -209,7 +235,17 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """Step every parameter that holds a gradient (with `layerwise`, those the hooks deferred)."""
+        """Step every parameter that holds a gradient (with `layerwise`, those the hooks deferred),
+        then raise on the non-finite gradients the hooks met. After `distribute()`: its `step`, which
+        runs `local_step` on every rank and makes the non-finite check (and, sharded without
+        `layerwise`, the weights) agree across ranks."""
+        if self.distributed is not None:
+            return self.distributed.step(closure)
+        return self.local_step(closure)
+
+    @torch.no_grad()
+    def local_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """`step` on this process's gradients and states only."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -238,7 +274,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- monitoring
 
     def subspace_stats(self) -> dict[str, dict[str, Any]]:
-        """Per GaLore parameter: SVD count and seconds, current gap, last cosine, frozen flag."""
+        """Per GaLore parameter: SVD count and seconds, current gap, last cosine, frozen flag.
+        After `distribute(shard=True)` a collective (every rank calls it): every owner's, merged."""
+        local = self.local_subspace_stats()
+        return local if self.distributed is None else self.distributed.gather_stats(local)
+
+    def local_subspace_stats(self) -> dict[str, dict[str, Any]]:
+        """`subspace_stats` of the parameters whose state this process holds."""
         stats = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -272,7 +314,23 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- checkpointing
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Lightning's sharded-optimizer protocol (as `ZeroRedundancyOptimizer`'s; its strategies call
+        it on every rank before `state_dict()` when the method exists). After `distribute(shard=True)`
+        a collective: the next `state_dict()` of rank `to` holds every owner's states. Else nothing
+        to gather."""
+        if self.distributed is not None:
+            self.distributed.consolidate_state_dict(to)
+
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state (projectors as their own state dicts). After `distribute()`: the
+        consolidated one once after `consolidate_state_dict()`, else this rank's own."""
+        if self.distributed is not None:
+            return self.distributed.state_dict()
+        return self.local_state_dict()
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """`state_dict` of the states this process holds."""
         if self.offloader is not None:
             self.offloader.synchronize()  # host copies of the last updates may still be in flight
         sd = super().state_dict()
@@ -285,7 +343,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict()`; tensors keep their saved dtype (torch's default would cast
-        fp32 moment scales to a bf16 parameter's dtype)."""
+        fp32 moment scales to a bf16 parameter's dtype). After `distribute()` the single-process
+        (consolidated) one, of which each rank keeps the states it owns."""
+        if self.distributed is not None:
+            state_dict = self.distributed.owned_state(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
