@@ -357,6 +357,11 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
         if cfg.data.block_size > longest:
             raise RecipeError(f"{where}: key 'data.block_size': {cfg.data.block_size} is longer than model "
                               f"{cfg.model.name}'s max_seq_len {longest}", file=where, key="data.block_size")
+    if cfg.trainer.strategy.startswith("fsdp") and cfg.trainer.accelerator == "cpu":
+        # Lightning's FSDPStrategy needs CUDA; its own refusal comes only once the Trainer is built.
+        raise RecipeError(f"{where}: key 'trainer.strategy': {cfg.trainer.strategy!r} needs GPUs "
+                          "(trainer.accelerator=gpu); on CPU use trainer.strategy=ddp",
+                          file=where, key="trainer.strategy")
     if cfg.method in ("qgalore", "galore"):
         _check_qgalore(cfg, where)
         _check_rank(cfg, where)

@@ -46,3 +46,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spy_run(monkeypatch):
+    """The summaries `qgl.lightning.run.run` returned, in order (`qgl.cli.main` returns the exit code)."""
+    import qgl.lightning.run as run_mod
+
+    results = []
+    real = run_mod.run
+
+    def spy(cfg):
+        results.append(real(cfg))
+        return results[-1]
+
+    monkeypatch.setattr(run_mod, "run", spy)
+    return results

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import qgl.lightning.run as run_mod
 from qgl.cli import main
 from qgl.lightning.run import wandb_mode
 
@@ -35,20 +34,6 @@ def clean_env(tmp_path, monkeypatch):
     os.environ.clear()
     os.environ.update(saved)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def spy_run(monkeypatch):
-    """Record the summary dict that `run` returns (`main` only returns the exit code)."""
-    results = []
-    real = run_mod.run
-
-    def spy(cfg):
-        results.append(real(cfg))
-        return results[-1]
-
-    monkeypatch.setattr(run_mod, "run", spy)
-    return results
 
 
 def test_help_lists_commands_and_defaults(capsys):

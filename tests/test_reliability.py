@@ -36,20 +36,6 @@ def clean_env(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def spy_run(monkeypatch):
-    """The summaries `run` returned, in order (`main` returns only the exit code)."""
-    results = []
-    real = run_mod.run
-
-    def spy(cfg):
-        results.append(real(cfg))
-        return results[-1]
-
-    monkeypatch.setattr(run_mod, "run", spy)
-    return results
-
-
 def _all_finite(path: Path) -> bool:
     ckpt = load_checkpoint(path)
     return all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())

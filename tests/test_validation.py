@@ -58,7 +58,16 @@ BAD = {
     "qgalore.target_modules=[nothing]": "qgalore.target_modules",
     "seed=-1": "seed",
     "data.block_size=513": "data.block_size",  # tiny's RoPE cache holds 512 positions
+    "trainer.strategy=fsdp": "trainer.strategy",  # qgalore (tiny's method): FSDP shards whole matrices
 }
+
+
+@pytest.mark.parametrize("method", ["full", "galore", "qgalore"])
+def test_fsdp_is_refused_on_cpu_for_every_method(method):
+    # full under FSDP needs Lightning's FSDPStrategy, which needs CUDA: one line at load, not at fit.
+    with pytest.raises(RecipeError, match="key 'trainer.strategy'") as e:
+        load_recipe("tiny", [f"method={method}", "trainer.strategy=fsdp", "trainer.accelerator=cpu"])
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("override", list(BAD))
