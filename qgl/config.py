@@ -268,16 +268,24 @@ def _read_yaml(path: Path, where: str) -> DictConfig:
 
 
 def _check_sections(node: DictConfig, schema: type, where: str, prefix: str = "") -> None:
-    """A scalar where the schema has a section: OmegaConf's error would not name the key."""
+    """A scalar where the schema has a section: OmegaConf's error would not name the key. A bool key
+    given a number or a string: OmegaConf would turn 2 into true."""
     hints = typing.get_type_hints(schema)
     for key in node:
         tp = hints.get(str(key))
+        value = node._get_node(key)
         if dataclasses.is_dataclass(tp):
-            value = node._get_node(key)
             if not isinstance(value, DictConfig):
                 raise RecipeError(f"{where}: key '{prefix}{key}': expected a section (mapping), got "
                                   f"{value._value()!r}", file=where, key=f"{prefix}{key}")
             _check_sections(value, tp, where, f"{prefix}{key}.")
+        elif tp in (bool, bool | None) and not isinstance(value, DictConfig):
+            raw = value._value()
+            unset = raw is None and tp is not bool
+            if not (isinstance(raw, bool) or unset or OmegaConf.is_missing(node, key)
+                    or OmegaConf.is_interpolation(node, key)):
+                raise RecipeError(f"{where}: key '{prefix}{key}': expected {type_name(tp)}, got {raw!r}",
+                                  file=where, key=f"{prefix}{key}")
 
 
 def _merge_override(cfg: DictConfig, override: str, where: str) -> DictConfig:
@@ -290,6 +298,7 @@ def _merge_override(cfg: DictConfig, override: str, where: str) -> DictConfig:
     except Exception as e:
         raise RecipeError(f"{where}: bad override {override!r}: key '{key}': value is not valid YAML "
                           f"({str(e).splitlines()[0]})", file=where, key=key) from e
+    _check_sections(dot, RecipeConfig, f"{where}: override {override!r}")
     try:
         return OmegaConf.merge(cfg, dot)
     except OmegaConfBaseException as e:
@@ -300,10 +309,11 @@ def _check_qgalore(cfg: RecipeConfig, where: str) -> None:
     """Combinations QGaLoreCallback refuses at set-up, reported before anything is built."""
     t, q = cfg.trainer, cfg.qgalore
     # distributed: one device or DDP (qgl/callbacks/distributed.py says why FSDP is refused).
+    why = ": FSDP would shard the whole matrices a (Q-)GaLore update needs" if "fsdp" in t.strategy else ""
     problems = {"trainer.strategy": (
         t.strategy.split("_")[0] not in ("auto", "ddp", "single"),
-        f"{cfg.method} runs on one device or under strategy=ddp (state sharded by matrix), not "
-        f"{t.strategy!r}: FSDP would shard the whole matrices a (Q-)GaLore update needs")}
+        f"{cfg.method} runs on one device or under strategy=ddp (state sharded by matrix), "
+        f"not {t.strategy!r}{why}")}
     sharded_step = t.strategy.startswith("ddp") and not q.layerwise and q.shard_state
     problems["qgalore.shard_state"] = (
         sharded_step and (t.gradient_clip_val is not None or t.precision in ("16-mixed", "16")),
@@ -357,6 +367,13 @@ def _validate(cfg: RecipeConfig, where: str) -> None:
         if cfg.data.block_size > longest:
             raise RecipeError(f"{where}: key 'data.block_size': {cfg.data.block_size} is longer than model "
                               f"{cfg.model.name}'s max_seq_len {longest}", file=where, key="data.block_size")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = ("auto", *StrategyRegistry.available_strategies())
+    if cfg.trainer.strategy not in known:
+        raise RecipeError(f"{where}: key 'trainer.strategy': unknown Lightning strategy "
+                          f"{cfg.trainer.strategy!r} (e.g. auto, ddp, ddp_spawn, fsdp, deepspeed)",
+                          file=where, key="trainer.strategy")
     if cfg.trainer.strategy.startswith("fsdp") and cfg.trainer.accelerator == "cpu":
         # Lightning's FSDPStrategy needs CUDA; its own refusal comes only once the Trainer is built.
         raise RecipeError(f"{where}: key 'trainer.strategy': {cfg.trainer.strategy!r} needs GPUs "

@@ -3,6 +3,7 @@ and the recipe section, QGaLoreCallback, QGaLoreAdamW, the projector/refresh and
 
 import dataclasses
 import inspect
+import re
 import typing
 
 import pytest
@@ -59,7 +60,25 @@ BAD = {
     "seed=-1": "seed",
     "data.block_size=513": "data.block_size",  # tiny's RoPE cache holds 512 positions
     "trainer.strategy=fsdp": "trainer.strategy",  # qgalore (tiny's method): FSDP shards whole matrices
+    "trainer.strategy=horovod": "trainer.strategy",  # not a Lightning strategy
 }
+
+
+@pytest.mark.parametrize("override", ["qgalore.shard_state=2", "model.activation_checkpointing=1",
+                                      "checkpoint.save_last=null"])
+def test_a_bool_key_takes_only_a_bool(override):
+    # OmegaConf alone would turn 2 or 1 into true.
+    key = override.partition("=")[0]
+    expected = f"override '{re.escape(override)}': key '{key}': expected bool, got"
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe("tiny", [override])
+
+
+def test_a_number_for_a_bool_key_in_a_recipe_file_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("qgalore:\n  rank: 16\n  layerwise: 3\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: key 'qgalore.layerwise': expected bool, got 3"):
+        load_recipe(recipe)
 
 
 @pytest.mark.parametrize("method", ["full", "galore", "qgalore"])
@@ -67,6 +86,8 @@ def test_fsdp_is_refused_on_cpu_for_every_method(method):
     # full under FSDP needs Lightning's FSDPStrategy, which needs CUDA: one line at load, not at fit.
     with pytest.raises(RecipeError, match="key 'trainer.strategy'") as e:
         load_recipe("tiny", [f"method={method}", "trainer.strategy=fsdp", "trainer.accelerator=cpu"])
+    with pytest.raises(RecipeError, match="unknown Lightning strategy 'horovod'"):
+        load_recipe("tiny", [f"method={method}", "trainer.strategy=horovod"])
     assert "\n" not in str(e.value)
 
 
