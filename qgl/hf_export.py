@@ -34,12 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from qgl._hf import transformers
+from qgl.models.build import HF_DTYPES
 from qgl.nn import LoRALinear, QLinear, apply_lora, plain_state_dict, quantize_model
+from qgl.nn.restore import is_hf_model
 
 __all__ = ["DTYPES", "convert_qgl_llama", "export", "find_hf_model", "load_checkpoint_model"]
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+# The recipe's names (model.dtype) and torch's ("bfloat16", "float16", "float32").
+DTYPES = {**HF_DTYPES, **{str(d).removeprefix("torch."): d for d in HF_DTYPES.values()}}
 
 
 class ExportError(ValueError):
@@ -56,10 +58,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def find_hf_model(model: nn.Module) -> nn.Module | None:
     """The outermost Hugging Face model in `model` (a module with `save_pretrained` and `config`)."""
-    for m in model.modules():
-        if callable(getattr(type(m), "save_pretrained", None)) and hasattr(m, "config"):
-            return m
-    return None
+    return next((m for m in model.modules() if is_hf_model(m)), None)
 
 
 def _qgl_llama(model: nn.Module) -> nn.Module | None:

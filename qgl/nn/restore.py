@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .lora import LoRALinear
 from .qlinear import QLinear
 
-__all__ = ["dequantize_model", "guard_hf_saves", "plain_state_dict", "plain_weight"]
+__all__ = ["dequantize_model", "guard_hf_saves", "is_hf_model", "plain_state_dict", "plain_weight"]
 
 
 def _base_weight(base: nn.Module) -> Tensor:
@@ -56,6 +56,18 @@ def plain_weight(module: nn.Module) -> tuple[Tensor, Tensor | None, bool]:
         w.addmm_(module.lora_B.float(), module.lora_A.float(), alpha=module.scaling)
         return w, base.bias, bool(getattr(base, "_qgl_conv1d", False))
     raise TypeError(f"plain_weight expects a QLinear or LoRALinear, got {type(module).__name__}")
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a restored QLinear / LoRALinear weight takes: its layer's (fp32 for an NF4 base,
+    whose storage is uint8)."""
+    dtype = module.base.weight.dtype if isinstance(module, LoRALinear) else module.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """A Hugging Face model: its class has `save_pretrained` and it holds a `config`."""
+    return callable(getattr(type(module), "save_pretrained", None)) and hasattr(module, "config")
 
 
 def _replaced(model: nn.Module) -> dict[str, nn.Module]:
@@ -96,9 +108,7 @@ def plain_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
         out[key] = cast[id(t)]
     for name, mod in replaced.items():
         w, bias, conv = plain_weight(mod)
-        compute = mod.base.weight.dtype if isinstance(mod, LoRALinear) else mod.weight.dtype
-        compute = compute if compute.is_floating_point else torch.float32  # NF4 storage is uint8
-        w = w.to(device=device, dtype=dtype or compute)
+        w = w.to(device=device, dtype=dtype or _compute_dtype(mod))
         out[f"{name}.weight"] = w.t().contiguous() if conv else w
         if bias is not None:
             out[f"{name}.bias"] = _float(bias, dtype, device)
@@ -116,8 +126,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     replaced = _replaced(model)
     for mod in replaced.values():
         w, bias, conv = plain_weight(mod)
-        compute = mod.base.weight.dtype if isinstance(mod, LoRALinear) else mod.weight.dtype
-        w = w.to(dtype or (compute if compute.is_floating_point else torch.float32))
+        w = w.to(dtype or _compute_dtype(mod))
         if conv:
             from qgl._hf import transformers
 
@@ -164,6 +173,5 @@ def guard_hf_saves(model: nn.Module) -> None:
     """Give every Hugging Face model in ``model`` (a module with ``save_pretrained`` and ``config``,
     the root included) the dequantizing ``save_pretrained`` of this module's docstring."""
     for m in model.modules():
-        if callable(getattr(type(m), "save_pretrained", None)) and hasattr(m, "config") \
-                and not isinstance(m.__dict__.get("save_pretrained"), _PlainSave):
+        if is_hf_model(m) and not isinstance(m.__dict__.get("save_pretrained"), _PlainSave):
             m.__dict__["save_pretrained"] = _PlainSave(m)
