@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
+from qgl._ranks import is_launched_rank
 from qgl.config import (
     DEFAULT_RECIPE,
     RECIPES_DIR,
@@ -134,7 +134,7 @@ def _add_hf_commands(sub: Any) -> None:
         description="Dequantize the INT8 layers and merge the LoRA adapters of a `qgl train` checkpoint and "
                     "write a Hugging Face directory (safetensors, config, tokenizer) that "
                     "`AutoModelForCausalLM.from_pretrained` loads without qgl.",
-        epilog="example:\n  qgl export checkpoints/last.ckpt --to my-model --dtype bf16")
+        epilog="example:\n  qgl export runs/qgl/tiny/checkpoints/last.ckpt --to my-model --dtype bf16")
     export.add_argument("ckpt", metavar="CKPT", help="a checkpoint written by `qgl train`")
     export.add_argument("--to", required=True, metavar="DIR", help="the directory to write (must not exist, "
                         "or be empty, unless --overwrite)")
@@ -165,8 +165,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     try:
         out = export(ns.ckpt, ns.to, dtype=ns.dtype, tokenizer=ns.tokenizer, overwrite=ns.overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"qgl: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_RECIPE_ERROR
+        return _fail(e, EXIT_RECIPE_ERROR)
     print(f"exported {ns.ckpt} -> {out} ({ns.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -183,8 +182,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         r = evaluate(ns.model, ns.data, tokenizer=ns.tokenizer, block_size=ns.block_size,
                      batch_size=ns.batch_size, format=ns.format, max_batches=ns.max_batches, device=device)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"qgl: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_RECIPE_ERROR
+        return _fail(e, EXIT_RECIPE_ERROR)
     print(f"{ns.model} on {ns.data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.2f} "
           f"({r['tokens']} tokens, {r['batches']} batches)")
     return 0
@@ -215,6 +213,13 @@ def cmd_recipes() -> int:
     return 0
 
 
+def _fail(error: BaseException, code: int) -> int:
+    """Print `error` as qgl's one error line on stderr; return the exit code `code`."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f"qgl: error: {line}", file=sys.stderr)
+    return code
+
+
 def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     """Resolve the recipe (exit 2 on a RecipeError, having created nothing), print it, run it."""
     recipe, overrides = _split(args)
@@ -222,10 +227,9 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
         cfg = load_recipe(recipe, overrides)
         path = resolve_recipe(recipe)
     except RecipeError as e:
-        print(f"qgl: error: {e}", file=sys.stderr)
-        return EXIT_RECIPE_ERROR
+        return _fail(e, EXIT_RECIPE_ERROR)
     # distributed: Lightning's DDP launcher re-runs this command on the other ranks; rank 0 prints.
-    if all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+    if not is_launched_rank():
         print(f"# recipe: {path}" + (f"  overrides: {' '.join(overrides)}" if overrides else ""))
         print(to_yaml(cfg), end="", flush=True)
     if dry_run:
@@ -239,8 +243,7 @@ def cmd_train(args: Sequence[str], dry_run: bool = False) -> int:
     try:
         run(cfg)
     except (RunSetupError, CheckpointError, DataError, NonFiniteError) as e:
-        print(f"qgl: error: {e}", file=sys.stderr)
-        return EXIT_RUN_ERROR
+        return _fail(e, EXIT_RUN_ERROR)
     return 0
 
 
@@ -270,8 +273,7 @@ def cmd_plan(args: Sequence[str], gpu_mem: str | None = None, devices: int | Non
         changes = {} if devices is None else {"devices": devices}
         plan = plan_memory(load_recipe(recipe, ["data.source=embedded", *overrides]), **changes)
     except (RecipeError, PlanError, ValueError) as e:
-        print(f"qgl: error: {e}", file=sys.stderr)
-        return EXIT_RECIPE_ERROR
+        return _fail(e, EXIT_RECIPE_ERROR)
     print(plan.table())
     if budget is not None:
         print(plan.fit_table(budget))

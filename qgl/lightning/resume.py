@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from qgl._atomic import atomic_open
+from qgl._ranks import is_launched_rank
 from qgl.config import RecipeConfig
 from qgl.lightning.checkpoint import load_checkpoint
 
@@ -104,11 +105,9 @@ def share_with_launched_ranks(paths: RunPaths) -> None:
 
 
 def _launched_rank_paths() -> RunPaths | None:
-    """Rank 0's paths in a process Lightning's launcher started for another rank (LOCAL_RANK or
-    NODE_RANK set and not 0), else None."""
+    """Rank 0's paths in a process a launcher started for another rank, else None."""
     raw = os.environ.get(LAUNCHED_RUN_ENV)
-    launched = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
-    if not raw or not launched:
+    if not raw or not is_launched_rank():
         return None
     run_dir, checkpoint_dir, resume_from = json.loads(raw)
     return RunPaths(Path(run_dir), Path(checkpoint_dir), None if resume_from is None else Path(resume_from))
