@@ -3,8 +3,8 @@ never let a checkpoint be written from a non-finite state.
 
 Per step it costs one reduction per gradient (`qgl.optim.finite.NonFiniteFlags`: min and max into a
 device buffer, no sync) and one device sync when the step ends, where the flags and the loss flag are
-read together. Gradients the optimizer consumed inside backward (qgalore's layer-wise updates) are
-no longer there to check; that optimizer checks them itself and raises `FloatingPointError`.
+read together. `QGaLoreAdamW` (galore, qgalore) checks the gradients it steps itself, inside backward
+when layer-wise, and raises `FloatingPointError`; the guard then checks only the loss.
 
 Before any checkpoint is written it also checks every floating tensor of the model and the optimizer
 state (one reduction each, one sync): a state that turned non-finite without a non-finite gradient
@@ -70,6 +70,8 @@ class NonFiniteGuard(Callback):
                                  optimizer: Optimizer) -> None:
         if str(trainer.precision) in ("16-mixed", "16"):
             return
+        if getattr(optimizer, "check_finite", False):
+            return  # QGaLoreAdamW checks the gradients it steps itself: no second reduction of each
         params = [p for g in optimizer.param_groups for p in g["params"]]
         key = tuple(id(p) for p in params)
         if self._flags is None or key != self._key:
