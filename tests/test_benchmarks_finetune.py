@@ -58,3 +58,35 @@ def test_script_prints_the_table_one_process_a_row():
     lines = proc.stdout.splitlines()
     assert any(ln.split()[:3] == ["tiny", "lora-r16", "ok"] for ln in lines)
     assert any(ln.split()[:3] == ["tiny", "qgalore", "ok"] for ln in lines)
+
+
+def test_a_replaced_linear_is_freed_as_soon_as_it_is_converted():
+    """The qlora row's build must not hold every bf16 weight until the end (its measured build peak was
+    the whole float model): each replaced linear is garbage once `convert` has made its replacement."""
+    import gc
+    import weakref
+
+    import torch
+
+    from qgl.models.llama import LlamaForCausalLM
+
+    bench = _bench()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(bench.shape_config("tiny")).to(torch.bfloat16)
+    replaced: list[weakref.ref] = []
+    alive_at_each_swap: list[int] = []
+
+    def convert(name, linear):
+        if "mlp" not in name:
+            return False
+        if linear is None:
+            return True
+        gc.collect()
+        alive_at_each_swap.append(sum(ref() is not None for ref in replaced))
+        replaced.append(weakref.ref(linear))
+        return torch.nn.Identity()  # keeps nothing of the linear, as the NF4 conversion keeps no bf16 copy
+
+    bench._materialise(model, torch.device("cpu"), convert)
+    gc.collect()
+    assert len(replaced) == 2 * 3 and alive_at_each_swap == [0] * 6
+    assert all(ref() is None for ref in replaced)
