@@ -159,9 +159,9 @@ def test_finite_check_and_16_bit_projector_products_on_cuda():
     torch.testing.assert_close(back, (low * -proj.scale).bfloat16().float() @ p16, rtol=1e-4, atol=1e-4)
 
 
-def test_float_galore_update_is_one_addmm_on_cuda():
-    """A bf16 weight takes GaLore's update in place (addmm_: fp32 accumulation, one rounding): within
-    one bf16 step of the fp32 sum rounded once, and no (m, n) temporary beyond cuBLAS's workspace."""
+def _float_galore_update_case():
+    """(w, low, proj, want, update): a bf16 (2048, 5461) weight, its GaLore update as `add_back_` takes
+    it, the fp32 sum rounded once to bf16, and the update alone in fp32 (fp32 products, no TF32)."""
     from qgl.optim.projector import GaLoreProjector
 
     torch.manual_seed(0)
@@ -171,16 +171,54 @@ def test_float_galore_update_is_one_addmm_on_cuda():
     low = proj.project(g)
     w = torch.randn_like(g)
     p, low_d = proj.basis().bfloat16().float(), (low * (proj.scale * -1e-2)).bfloat16().float()
-    want = (w.float() + p @ low_d).bfloat16()  # side "left": P (m, r) @ low (r, n)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    proj.add_back_(w, low, factor=-1e-2)
-    torch.cuda.synchronize()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        update = p @ low_d  # side "left": P (m, r) @ low (r, n)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return w, low, proj, (w.float() + update).bfloat16(), update
+
+
+def _ulps_off(got: torch.Tensor, want: torch.Tensor) -> str:
+    ulp = (want.float().abs() * 2**-7).clamp_min(2**-126)
+    err = (got.float() - want.float()).abs() / ulp
+    over, worst = int((err > 1).sum()), float(err.max())
+    return f"{over} of {err.numel()} elements over one bf16 step; worst {worst:.1f} steps"
+
+
+def test_float_galore_update_is_one_addmm_on_cuda():
+    """A bf16 weight takes GaLore's update in place (addmm_: fp32 accumulation, one rounding): within
+    one bf16 step of the fp32 sum rounded once, and no (m, n) temporary beyond cuBLAS's workspace.
+
+    cuBLAS may reduce split-K partial sums in bf16 where torch allows it (its default), which is a
+    second rounding; the claim is checked with that off, and under the defaults by the next test."""
+    w, low, proj, want, _ = _float_galore_update_case()
+    reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        proj.add_back_(w, low, factor=-1e-2)
+        torch.cuda.synchronize()
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
     transient = torch.cuda.max_memory_allocated() - before
     assert transient < 2048 * 5461 * 2, transient  # less than one bf16 (m, n) tensor
     ulp = (want.float().abs() * 2**-7).clamp_min(2**-126)
-    assert bool(((w.float() - want.float()).abs() <= ulp).all())
+    assert bool(((w.float() - want.float()).abs() <= ulp).all()), _ulps_off(w, want)
+
+
+def test_float_galore_update_under_torch_defaults_errs_by_a_step_of_its_operands():
+    """Under torch's default matmul flags (bf16 reduced-precision reductions allowed) the in-place
+    update errs by at most one bf16 step of the larger operand, |w| or |update|: what the training
+    precision holds anyway (a failure names how many elements and by how many steps)."""
+    w, low, proj, want, update = _float_galore_update_case()
+    w0 = w.float().abs()
+    proj.add_back_(w, low, factor=-1e-2)
+    bound = (torch.maximum(w0, update.abs()) * 2**-7).clamp_min(2**-126)
+    assert bool(((w.float() - want.float()).abs() <= bound).all()), _ulps_off(w, want)
 
 
 @pytest.mark.parametrize("shape", [(2048, 512), (512, 2048)])
