@@ -3,10 +3,17 @@
     python benchmarks/methods.py pretrain/llama_60m data.source=/data/c4 --steps 200            # GPU
     python benchmarks/methods.py --device cpu --steps 3 data.batch_size=2                     # smoke test
     python benchmarks/methods.py --methods full,qgalore,q-galore-torch trainer.precision=bf16-mixed
+    python benchmarks/methods.py --methods galore,qgalore,qgalore.q2 --set qgalore.q2:qgalore.queue_size=2
 
 Each method is one `qgl.lightning.run.run` of the same recipe (same model init, data order, seed,
 LR schedule, logging and `MemoryMonitor` accounting) with `method=<m>`, `trainer.max_steps=N`, no
-checkpoints, a CSV logger and validation once at the end; key=value overrides apply to all.
+checkpoints, a CSV logger and validation once at the end; key=value overrides apply to all, `--set
+METHOD:key=value` to the row named METHOD only (after the benchmark's own overrides).
+
+A row is named by its method or by a labelled variant of it, `BASE.LABEL` (LABEL of letters, digits,
+'_' and '-'): `qgalore.q2` runs method qgalore as a row of its own (its own log, row and table line),
+so that two configurations of one method compare in one run, as in the last example above. `--set`
+names a row exactly: `qgalore:...` sets the plain qgalore row only, `qgalore.q2:...` that variant only.
 The public packages `galore-torch` (GaLoreAdamW8bit) and `q-galore-torch` (QGaLoreAdamW8bit)
 run, when installed (`pip install qgl[bench]`), as method "full" with their optimizer in place of
 the module's (`benchmarks/_public_adapters.py`: bitsandbytes 0.50 argument adapters, no change of
@@ -52,7 +59,7 @@ from lightning.pytorch.callbacks import Callback
 # shadow the `kernels` package that bitsandbytes tries to import.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cli import choice_list  # noqa: E402
+from _cli import LABEL_RULE, choice_list, variant_base  # noqa: E402
 from _public_adapters import PACKAGES, PublicGaLoreCallback, available  # noqa: E402
 
 from qgl._atomic import atomic_open  # noqa: E402
@@ -63,11 +70,23 @@ ALL = (*METHODS, *PACKAGES)
 _MIB = 2**20
 
 
+def base_method(name: str) -> str:
+    """The method a row runs: `name` itself, or BASE of a labelled variant `BASE.LABEL` (`qgalore.q2`:
+    qgalore). Raises ValueError for a name that is neither."""
+    base = variant_base(name, ALL)
+    if base is None:
+        raise ValueError(f"unknown method {name!r}: expected one of {','.join(ALL)} or a labelled variant "
+                         f"BASE.LABEL of one of them, {LABEL_RULE}")
+    return base
+
+
 def _notes(method: str, cfg: Any, device: str, public_int8: bool = True) -> str:
     q, lo = cfg.qgalore, cfg.lora
     layerwise = "layer-wise" if q.layerwise else "not layer-wise"
     also = f"; also trained: {', '.join(lo.trainable)}" if lo.trainable else ""
     galore = f"rank {q.rank}, gap {q.update_proj_gap}, scale {q.scale}, {layerwise}"
+    refresh = f"queue {q.queue_size}, cos threshold {q.cos_threshold:g}, gamma {q.gamma_proj:g}"
+    adaptive = f"adaptive gap ({refresh})" if q.adaptive else "fixed gap"
     weights = (f"on its INT8-weight simulation (uint8 weights, group {q.group_size}, stochastic rounding, "
                "re-implemented in benchmarks/_public_int8.py from its published QGaLoreLinear)" if public_int8
                else "on float weights (--public-float-weights; its INT8 linear is not in the wheel)")
@@ -79,15 +98,17 @@ def _notes(method: str, cfg: Any, device: str, public_int8: bool = True) -> str:
                  + ("paged AdamW8bit (its paged states, unified memory, are not in max_memory_allocated)"
                     if device == "cuda" else "AdamW8bit (no paging off CUDA)"),
         "galore": f"qgl: float weights, float projections, fixed gap, 8-bit moments; {galore}",
-        "qgalore": f"qgl: INT8 weights, INT4 projections, adaptive gap, 8-bit moments; {galore}",
+        "qgalore": f"qgl: INT8 weights, INT4 projections, {adaptive}, 8-bit moments; {galore}",
         "galore-torch": f"galore-torch 1.0 GaLoreAdamW8bit via the bnb-0.50 adapter; {galore}",
         "q-galore-torch": f"q-galore-torch 1.0 QGaLoreAdamW8bit via the bnb-0.50 adapter, {weights}; "
-                          f"{galore}",
+                          f"adaptive gap ({refresh}); {galore}",
     }[method]
 
 
 def _overrides(method: str, steps: int, device: str, work: Path) -> list[str]:
-    return [f"method={'full' if method in PACKAGES else method}", f"trainer.max_steps={steps}",
+    """The benchmark's overrides for the row `method` (a variant's name included)."""
+    base = base_method(method)
+    return [f"method={'full' if base in PACKAGES else base}", f"trainer.max_steps={steps}",
             f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
             "trainer.val_check_interval=null", "logger.wandb=false", f"logger.save_dir={work / 'runs'}",
             f"logger.name={method}", f"checkpoint.dir={work / 'checkpoints' / method}",
@@ -97,7 +118,8 @@ def _overrides(method: str, steps: int, device: str, work: Path) -> list[str]:
 def run_method(recipe: str | None, overrides: list[str], method: str, steps: int, device: str, work: Path,
                log: Path | None = None, extra_overrides: Sequence[str] = (),
                callbacks: Sequence[Callback] = (), public_int8: bool = True) -> dict[str, Any]:
-    """One row: train `method` for `steps` steps and return its numbers (or why it did not run).
+    """One row: train `method` (a method or a labelled variant `BASE.LABEL` of one, which runs BASE)
+    for `steps` steps and return its numbers (or why it did not run).
 
     The run's output goes to `log` (None: left on stdout/stderr, the traceback of a failure too);
     `extra_overrides` apply after this benchmark's own (e.g. a validation interval); `callbacks`
@@ -106,14 +128,15 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
     """
     from qgl.lightning.run import run
 
+    base = base_method(method)
     cfg = load_recipe(recipe, [*overrides, *_overrides(method, steps, device, work), *extra_overrides])
-    int8 = public_int8 and method == "q-galore-torch"
-    notes = "; ".join([_notes(method, cfg, device, int8), *extra_overrides])
+    int8 = public_int8 and base == "q-galore-torch"
+    notes = "; ".join([_notes(base, cfg, device, int8), *extra_overrides])
     row: dict[str, Any] = {"method": method, "notes": notes}
-    if method in PACKAGES and not available(method):
-        return {**row, "error": f"not installed (pip install {method}==1.0)"}
-    extra = ([PublicGaLoreCallback(method, dataclasses.asdict(cfg.qgalore), int8_weights=int8)]
-             if method in PACKAGES else [])
+    if base in PACKAGES and not available(base):
+        return {**row, "error": f"not installed (pip install {base}==1.0)"}
+    extra = ([PublicGaLoreCallback(base, dataclasses.asdict(cfg.qgalore), int8_weights=int8)]
+             if base in PACKAGES else [])
     try:
         with contextlib.ExitStack() as stack:
             if log is not None:
@@ -187,15 +210,22 @@ def header(recipe: str | None, overrides: list[str], steps: int, device: str) ->
 
 
 def per_method_override(text: str) -> tuple[str, str]:
-    """`--set METHOD:key=value` -> (METHOD, "key=value")."""
+    """`--set METHOD:key=value` -> (METHOD, "key=value"); METHOD a method or a labelled variant
+    `BASE.LABEL` of one (whether it is in --methods is checked once all arguments are parsed)."""
     method, sep, override = text.partition(":")
-    if not sep or "=" not in override or method not in ALL:
+    if not sep or "=" not in override or variant_base(method, ALL) is None:
         raise argparse.ArgumentTypeError(f"--set {text!r}: expected METHOD:key=value with METHOD one of "
-                                         f"{','.join(ALL)}")
+                                         f"{','.join(ALL)}, or a labelled variant BASE.LABEL of one of them "
+                                         f"({LABEL_RULE}, e.g. qgalore.q2)")
     return method, override
 
 
-_methods = choice_list(ALL, "methods")
+_methods = choice_list(ALL, "methods", variants=True)
+METHODS_HELP = ("comma-separated rows to run, each a method or a labelled variant BASE.LABEL of one (e.g. "
+                "qgalore.q2: method qgalore in a row of its own, for its own --set), of")
+SET_HELP = ("an override for one row (repeatable), e.g. qgalore:trainer.precision=bf16-true; METHOD names "
+            "the row exactly: qgalore:... sets the plain qgalore row only, qgalore.q2:... the variant "
+            "qgalore.q2 only")
 
 
 def _run_in_child(ns: argparse.Namespace, method: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs="*", metavar="RECIPE|key=value",
                     help="a recipe (path or bundled name; default tiny) first, then overrides for every run")
     ap.add_argument("--methods", default=",".join(ALL), type=_methods,
-                    help=f"comma-separated methods to run (default: all): {','.join(ALL)}")
+                    help=f"{METHODS_HELP} {','.join(ALL)} (default: all of them)")
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps per method")
     ap.add_argument("--device", choices=("cuda", "cpu"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,13 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                     "measures memory a previous row left behind")
     ap.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)  # --isolate's child
     ap.add_argument("--set", dest="per_method", type=per_method_override, action="append", default=[],
-                    metavar="METHOD:key=value", help="an override for one method (repeatable), e.g. "
-                    "qgalore:trainer.precision=bf16-true")
+                    metavar="METHOD:key=value", help=SET_HELP)
     ns = ap.parse_args(argv)
     per_method: dict[str, list[str]] = {}
     for method, override in ns.per_method:
         if method not in ns.methods:
-            ap.error(f"--set {method}:{override}: {method} is not among --methods")
+            ap.error(f"--set {method}:{override}: {method} is not among --methods (--set names a row "
+                     "exactly, a labelled variant's too)")
         per_method.setdefault(method, []).append(override)
     recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if recipe is not None else ns.args
