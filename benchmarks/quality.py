@@ -6,6 +6,7 @@
         data.num_workers=1 optim.warmup_steps=150 --set full:optim.lr=1e-3 --set adamw8bit:optim.lr=1e-3 \\
         --set lora:optim.lr=1e-3 --set lora:lora.r=128 --set 'lora:lora.trainable=[embed,norm,lm_head]'
     python benchmarks/quality.py --device cpu --steps 10 --methods full,qgalore --out /tmp/q    # smoke test
+    python benchmarks/quality.py --methods galore,qgalore,qgalore.q2 --set qgalore.q2:qgalore.queue_size=2
     python benchmarks/quality.py --summarize benchmarks/results/quality_h100_2026-11-24     # rebuild report
 
 Every method is one `benchmarks/methods.py` run (`qgl.lightning.run.run` of the recipe with
@@ -13,9 +14,14 @@ Every method is one `benchmarks/methods.py` run (`qgl.lightning.run.run` of the 
 `q-galore-torch` optimizers too, when installed) in its own process, `--parallel` at a time (default:
 all at once: a 60M model fills neither an H100's memory nor its compute), validating every
 `--val-every` steps and at the end. `key=value` overrides apply to every method, `--set
-METHOD:key=value` to one: above, the full-rank baselines take GaLore's AdamW learning rate for 60M
-(the recipe's 1.5e-2 is Q-GaLore's), and LoRA GaLore's rank with trainable embeddings, norms and head
-as in the GaLore/ReLoRA pre-training baselines.
+METHOD:key=value` to one (after the benchmark's own; its row's notes list them): above, the full-rank
+baselines take GaLore's AdamW learning rate for 60M (the recipe's 1.5e-2 is Q-GaLore's), and LoRA
+GaLore's rank with trainable embeddings, norms and head as in the GaLore/ReLoRA pre-training baselines.
+
+A method may run more than once as labelled variants `BASE.LABEL` (LABEL of letters, digits, '_' and
+'-'), each a method of its own here (process, curve, row, log, table line, plot line) that runs BASE:
+the second example compares Q-GaLore's default refresh queue with a queue of 2 in one run. `--set`
+names a method exactly: `qgalore:...` sets the plain qgalore only, `qgalore.q2:...` that variant only.
 
 Output, in `--out` (default `benchmarks/results/quality_<gpu|cpu>_<date>/`): `run.json` (the command
 and set-up), per method `curves/<m>.csv` (training loss every `--log-every` steps and every
@@ -52,7 +58,15 @@ if importlib.util.find_spec("qgl") is None:  # not installed: the checkout's, be
 
 import torch  # noqa: E402
 from _quality_report import summarize  # noqa: E402
-from methods import ALL, PACKAGES, _methods, per_method_override  # noqa: E402
+from methods import (  # noqa: E402
+    ALL,
+    METHODS_HELP,
+    PACKAGES,
+    SET_HELP,
+    _methods,
+    base_method,
+    per_method_override,
+)
 
 from qgl.config import RecipeError, load_recipe  # noqa: E402
 
@@ -66,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every method")
     ap.add_argument("--recipe", default=None, help="recipe path or bundled name (default: tiny)")
     ap.add_argument("--methods", default=_methods(DEFAULT_METHODS), type=_methods,
-                    help=f"comma-separated, of {','.join(ALL)} (default {DEFAULT_METHODS})")
+                    help=f"{METHODS_HELP} {','.join(ALL)} (default {DEFAULT_METHODS})")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per method")
     ap.add_argument("--parallel", type=int, default=None, help="methods running at once (default: all)")
     ap.add_argument("--set", dest="per_method", type=per_method_override, action="append", default=[],
-                    metavar="METHOD:key=value", help="an override for one method (repeatable)")
+                    metavar="METHOD:key=value", help=SET_HELP)
     ap.add_argument("--val-every", type=int, default=None,
                     help="steps between validations (default: steps/10)")
     ap.add_argument("--log-every", type=int, default=10, help="steps averaged in each training-curve point")
@@ -112,7 +126,8 @@ def _version(package: str) -> str:
 
 # ---------------------------------------------------------------- worker (one method, child process)
 def worker(ns: argparse.Namespace) -> int:
-    """Train ns.worker and write rows/<method>.json (curves/<method>.csv is written as it trains)."""
+    """Train ns.worker (a method or a labelled variant) and write rows/<method>.json (curves/<method>.csv
+    is written as it trains); its --set overrides apply after the benchmark's own."""
     from _curves import CurveWriter
     from methods import run_method
 
@@ -120,8 +135,9 @@ def worker(ns: argparse.Namespace) -> int:
         torch.set_num_threads(ns.threads)
     method, out = ns.worker, ns.out.resolve()
     curve = CurveWriter(out / "curves" / f"{method}.csv", every=ns.log_every, deadline=ns.deadline)
+    own = [o for m, o in ns.per_method if m == method]
     row = run_method(ns.recipe, ns.overrides, method, ns.steps, ns.device, out, log=None,
-                     extra_overrides=[f"trainer.val_check_interval={ns.val_every}"], callbacks=[curve])
+                     extra_overrides=[f"trainer.val_check_interval={ns.val_every}", *own], callbacks=[curve])
     row.update(requested_steps=ns.steps, stopped_at=curve.stopped_at)
     for empty in (out / "checkpoints" / method, out / "checkpoints"):  # nothing is checkpointed
         with contextlib.suppress(OSError):
@@ -160,7 +176,7 @@ def _launch(ns: argparse.Namespace, method: str, per_method: list[str], deadline
            "--device", ns.device, "--val-every", str(ns.val_every), "--log-every", str(ns.log_every),
            "--threads", str(threads), *(["--recipe", ns.recipe] if ns.recipe else []),
            *(["--deadline", repr(deadline)] if deadline is not None else []),
-           "--", *ns.overrides, *per_method]
+           *(f"--set={method}:{o}" for o in per_method), "--", *ns.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(ns.out / "logs" / f"{method}.log", "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -263,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device here (use --device cpu for a smoke test)")
     bad = [m for m, _ in ns.per_method if m not in ns.methods]
     if bad:
-        ap.error(f"--set for {', '.join(sorted(set(bad)))}, which is not in --methods")
+        ap.error(f"--set for {', '.join(sorted(set(bad)))}, which is not in --methods (--set names a "
+                 "method exactly, a labelled variant's too)")
     per_method: dict[str, list[str]] = {}
     for method, override in ns.per_method:
         per_method.setdefault(method, []).append(override)
     ns.parallel = max(1, min(ns.parallel or len(ns.methods), len(ns.methods)))
     try:
         for method in ns.methods:  # every recipe error now, before any process starts
-            name = "full" if method in PACKAGES else method
-            load_recipe(ns.recipe, [*ns.overrides, *per_method.get(method, []), f"method={name}"])
+            base = base_method(method)
+            name = "full" if base in PACKAGES else base
+            load_recipe(ns.recipe, [*ns.overrides, f"method={name}", *per_method.get(method, [])])
         meta = _meta(ns, argv, per_method)
     except RecipeError as err:
         print(f"quality: error: {err}", file=sys.stderr)
