@@ -6,7 +6,10 @@ numbers, written when it ends). `summarize(folder)` turns whatever of those exis
 `results.json` (one row per method, the format of `benchmarks/methods.py` plus the quality fields),
 `summary.md` (header and table) and `loss_curves.png` (every method's training loss in one figure,
 validation points marked). A method without a row (killed, still running) is reported from its
-curve; one without either says so.
+curve; one without either says so. A method is named as it was run, a labelled variant (`qgalore.q2`)
+too: each is a row, a table line and a plot line of its own. With a `galore` row, the column "SVDs vs
+galore" gives each row's SVD count as a fraction of that row's (of the SVDs per step where the steps
+differ): how many fewer SVDs the adaptive refresh of `qgalore` and its variants ran.
 """
 
 from __future__ import annotations
@@ -79,16 +82,35 @@ def _steps_cell(r: dict[str, Any], requested: int | None) -> str:
     return f"{done}" if requested is None or done == requested else f"{done} of {requested}"
 
 
+def _svd_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The plain `galore` row, when it finished with SVDs to compare with (else None)."""
+    return next((r for r in rows if r["method"] == "galore" and "error" not in r and r.get("svds")
+                 and r.get("steps")), None)
+
+
+def svds_vs(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    """Row `r`'s SVDs as a fraction of the reference row's, per step where their steps differ; "-" for
+    a row without SVDs (full-rank, LoRA, a partial row)."""
+    svds, steps = r.get("svds"), r.get("steps")
+    if not isinstance(svds, int) or not svds or not steps or "error" in r:
+        return "-"
+    if steps == ref["steps"]:
+        return f"{svds / ref['svds']:.2f}"
+    return f"{svds / steps / (ref['svds'] / ref['steps']):.2f} per step"
+
+
 def table(rows: list[dict[str, Any]], curves: dict[str, Curve], requested: int | None) -> str:
-    """The Markdown table of the rows."""
+    """The Markdown table of the rows (with "SVDs vs galore" when a `galore` row ran SVDs)."""
     common = common_val_step(curves)
     at = f"val loss @ {common}" if common is not None else "val loss @ common step"
-    lines = [f"| method | steps | train loss | val loss | val ppl | {at} | tokens/s | peak MiB | SVDs "
-             "| notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ref = _svd_reference(rows)
+    vs = " SVDs vs galore |" if ref else ""
+    lines = [f"| method | steps | train loss | val loss | val ppl | {at} | tokens/s | peak MiB | SVDs |{vs}"
+             " notes |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else "") + "---|"]
     for r in rows:
         if "error" in r and not r.get("partial"):
-            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | - | did not run: {r['error']}"
-                         + (f"; {r['notes']}" if r.get("notes") else "") + " |")
+            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | -{' | -' if ref else ''} | did not "
+                         f"run: {r['error']}" + (f"; {r['notes']}" if r.get("notes") else "") + " |")
             continue
         curve = curves.get(r["method"], {"val": []})
         at_common = next((v for s, v in curve["val"] if s == common), None)
@@ -102,7 +124,7 @@ def table(rows: list[dict[str, Any]], curves: dict[str, Curve], requested: int |
                      f"{_fmt(r.get('val_loss'), '.4f')} | {_fmt(r.get('val_ppl'), ',.2f')} | "
                      f"{_fmt(at_common, '.4f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
                      f"{_fmt(peak, ',.0f') + (kind if peak is not None else '')} | {r.get('svds', '-')} | "
-                     f"{'; '.join(notes)} |")
+                     + (f"{svds_vs(r, ref)} | " if ref else "") + f"{'; '.join(notes)} |")
     return "\n".join(lines)
 
 
