@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 16, 18 and 20, in parts that each fit one 10-minute device call:
-#   bash benchmarks/gpu_acceptance.sh tests      # CUDA tests (pytest-xdist) and the 7B first step's SVDs
+#   bash benchmarks/gpu_acceptance.sh tests      # CUDA tests (pytest-xdist); FIRST_STEP=1: the 7B first step's SVDs
 #   bash benchmarks/gpu_acceptance.sh finetune   # fine-tuning memory at LLaMA-2-7B and Llama-3-8B shapes
-#   bash benchmarks/gpu_acceptance.sh methods    # 1B methods, before (3338d3d, .base) and after; host time per matrix
+#   bash benchmarks/gpu_acceptance.sh compare    # 1B qgalore before (3338d3d, .base) and after, alternating, twice
+#   bash benchmarks/gpu_acceptance.sh methods    # 1B methods (qgalore, q-galore-torch, full); host time per matrix
 #   bash benchmarks/gpu_acceptance.sh train7b    # LLaMA-7B qgl train: the run summary's first step
 #   bash benchmarks/gpu_acceptance.sh quality    # 3000-step LLaMA-60M quality: SVD count and loss, galore/qgalore
+# Several parts run in order: bash benchmarks/gpu_acceptance.sh tests compare
 # Prepare, on a machine with pip (see the device notes for the wheel platform flags):
 #   pip download --no-deps -d .whl bitsandbytes==0.50.2 omegaconf==2.4.0 galore-torch==1.0 q-galore-torch==1.0 \
 #       pytest-xdist execnet
@@ -24,12 +26,30 @@ model.activation_checkpointing=true data.num_workers=1 trainer.limit_val_batches
 BF16_TRUE="--set qgalore:trainer.precision=bf16-true --set galore:trainer.precision=bf16-true \
 --set q-galore-torch:trainer.precision=bf16-true"
 
-case "${1:-}" in
+[ $# -gt 0 ] || set -- usage
+for part in "$@"; do
+echo "== $part $(date -u +%H:%M:%S)"
+case "$part" in
 tests)
     # Triton's autotuning compiles on the host: 8 workers share the 16 cores and the one GPU.
     timeout 330 pytest -m cuda -n 8 -p no:cacheprovider -q --durations=10 tests > "$OUT/pytest_cuda.log" 2>&1
     echo "pytest rc=$?" >> "$OUT/pytest_cuda.log"; tail -25 "$OUT/pytest_cuda.log"
-    timeout 200 python3 benchmarks/first_step.py --repeats 1 --json "$OUT/first_step.json" 2>&1 | tee "$OUT/first_step.txt"
+    if [ "${FIRST_STEP:-0}" = 1 ]; then
+        timeout 200 python3 benchmarks/first_step.py --repeats 1 --json "$OUT/first_step.json" 2>&1 | tee "$OUT/first_step.txt"
+    fi
+    ;;
+compare)
+    # Issue 16: not slower than before the architecture change. Host-bound rows vary with the machine
+    # and from run to run: the two trees alternate on one machine, twice, STEPS steps a row.
+    STEPS=${STEPS:-20}
+    for round in 1 2; do
+        (cd .base && PYTHONPATH=$PWD:/tmp/site timeout 150 python3 benchmarks/methods.py $ONE_B --methods qgalore \
+            --steps $STEPS --set qgalore:trainer.precision=bf16-true --out /tmp/base$round) 2>&1 | tail -3 \
+            | tee "$OUT/compare_base$round.txt"
+        timeout 120 python3 benchmarks/methods.py $ONE_B --methods qgalore --steps $STEPS \
+            --set qgalore:trainer.precision=bf16-true --out /tmp/new$round 2>&1 | tail -3 | tee "$OUT/compare_new$round.txt"
+        cp /tmp/base$round/results.json "$OUT/compare_base$round.json"; cp /tmp/new$round/results.json "$OUT/compare_new$round.json"
+    done
     ;;
 finetune)
     for shape in llama2-7b llama3-8b; do
@@ -38,28 +58,27 @@ finetune)
     done
     ;;
 methods)
-    # Issue 16: not slower than before the architecture change; issue 20: ratios to bf16 AdamW and q-galore-torch.
-    BASE_SETS="--set qgalore:trainer.precision=bf16-true --set galore:trainer.precision=bf16-true"
-    (cd .base && PYTHONPATH=$PWD:/tmp/site timeout 170 python3 benchmarks/methods.py $ONE_B \
-        --methods qgalore,galore --steps 10 $BASE_SETS --out /tmp/base) 2>&1 | tail -4 | tee "$OUT/methods_base.txt"
-    timeout ${METHODS_TIMEOUT:-270} python3 benchmarks/methods.py $ONE_B --methods ${METHODS:-qgalore,galore,q-galore-torch,full} \
-        --steps 10 $BF16_TRUE --out /tmp/new 2>&1 | tail -8 | tee "$OUT/methods_new.txt"
-    cp /tmp/base/results.json "$OUT/methods_base.json"; cp /tmp/new/results.json "$OUT/methods_new.json"
+    # Issue 20: ratios to bf16 AdamW and q-galore-torch, one machine.
+    timeout ${METHODS_TIMEOUT:-270} python3 benchmarks/methods.py $ONE_B --methods ${METHODS:-qgalore,q-galore-torch,full} \
+        --steps ${STEPS:-20} $BF16_TRUE --out /tmp/new 2>&1 | tail -8 | tee "$OUT/methods_new.txt"
+    cp /tmp/new/results.json "$OUT/methods_new.json"
     timeout 60 python3 benchmarks/overhead.py 2>&1 | tail -30 | tee "$OUT/overhead.txt"
     ;;
 train7b)
     # Issue 20: LLaMA-7B, batch 1 x 256: the run summary's first optimizer step and tokens/s.
-    (cd /tmp && timeout 500 python3 -m qgl train pretrain/llama_7b data.source=embedded data.batch_size=1 \
+    (cd /tmp && timeout ${TRAIN7B_TIMEOUT:-500} python3 -m qgl train pretrain/llama_7b data.source=embedded data.batch_size=1 \
         trainer.accumulate_grad_batches=1 trainer.precision=bf16-true trainer.max_steps=8 trainer.limit_val_batches=1 \
         data.num_workers=1 logger.wandb=false) 2>&1 | tail -40 | tee "$OUT/train_7b.txt"
     ;;
 quality)
-    timeout 560 python3 benchmarks/quality.py --recipe pretrain/llama_60m --methods galore,qgalore --steps 3000 \
-        --time-limit 520 data.source=embedded data.batch_size=16 trainer.accumulate_grad_batches=1 \
+    timeout 560 python3 benchmarks/quality.py --recipe pretrain/llama_60m --methods ${QUALITY_METHODS:-galore,qgalore} \
+        --steps 3000 --val-every ${VAL_EVERY:-300} --time-limit 520 data.source=embedded data.batch_size=16 trainer.accumulate_grad_batches=1 \
         data.val_fraction=0.02 data.num_workers=1 optim.warmup_steps=150 logger.wandb=false ${QUALITY_SETS:-} \
         --out "$OUT/quality" 2>&1 | tail -20
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_acceptance.sh tests|finetune|methods|train7b|quality"; exit 2
+    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|methods|train7b|quality"
+    exit 2
     ;;
 esac
+done
