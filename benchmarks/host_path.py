@@ -16,12 +16,14 @@ script measures the Python side on CPU, where no GPU is needed, for two pieces:
 - fwd+bwd+update: forward and backward of one QLinear layer (input gradient too, as for a layer
   inside a model), whose post-accumulate-grad hook runs that update.
 
-The default shape is small (256 x 128, rank 32, 8 tokens) so that the math is negligible and
-Python and dispatch overhead is what is measured. Two numbers per piece: host microseconds per call
-(the median over `--rounds`) and Python function calls per call, Python and C functions called from
-Python, counted with `sys.setprofile` (cProfile's count). On a shared 2-core machine the times are
-noisy (up to 2x between runs); the call counts are exact and repeatable, so compare trees by them
-first.
+The default shape is small (256 x 128, rank 32, 8 tokens) so that the math is small and Python and
+dispatch overhead is most of what is measured. Not all: on CPU every op runs before the next is
+issued, and the 8-bit Adam runs its plain-torch reference (CUDA runs bitsandbytes' kernel), whose
+`torch.bucketize` of the 4,096 low-rank elements (the fewest that get 8-bit moments) is about 40% of
+the update's time here. Two numbers per piece: host microseconds per call (the median over
+`--rounds`) and function calls per call, Python and C functions called from Python, counted with
+`sys.setprofile` (cProfile's count). On a shared 2-core machine the times are noisy (up to 2x between
+runs); the call counts are exact and repeatable, so compare trees by them first.
 
 Every tree (this one, and each `--base [LABEL=]PATH`, e.g. a `git archive` of an older commit) is
 measured in its own subprocess with `PYTHONPATH=PATH` (its `qgl`, `qgl.callbacks`, `qgl.kernels`
