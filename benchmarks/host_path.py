@@ -243,14 +243,16 @@ def run_tree(tree: Path, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from a tree's rounds: median times, the call counts (exact: equal across rounds, else
-    the median), the first round's other fields."""
+    """One row from a tree's rounds: median times (and each round's, `us_<piece>_rounds`), the call
+    counts (exact: equal across rounds, else the median), the first round's other fields."""
     row = dict(rounds[0])
     for piece in PIECES:
         for key in (f"us_{piece}", f"calls_{piece}"):
             values = [r[key] for r in rounds if key in r]
             if values:
                 row[key] = statistics.median(values)
+                if key.startswith("us_"):
+                    row[f"{key}_rounds"] = values  # the spread, for the JSON
     row["rounds"] = len(rounds)
     return row
 
