@@ -55,3 +55,12 @@ def test_a_tree_without_qgl_and_a_failed_piece_are_reported_in_their_rows(bench,
     assert "| old | error | error | error | error |" in text
     assert "| older | error | error | 10 | 7 |" in text
     assert "- old: exit 1: ImportError: x" in text and "- older, update: AttributeError: y" in text
+
+
+def test_rounds_merge_to_median_times_and_keep_each_round(bench):
+    rounds = [{"us_update": 3.0, "calls_update": 5.0, "us_step": 9.0, "calls_step": 8.0, "entry_update": "x"},
+              {"us_update": 1.0, "calls_update": 5.0, "us_step": 7.0, "calls_step": 8.0},
+              {"us_update": 2.0, "calls_update": 5.0, "us_step": 8.0, "calls_step": 8.0}]
+    row = bench.merge(rounds)
+    assert (row["us_update"], row["us_step"], row["calls_update"], row["calls_step"]) == (2.0, 8.0, 5.0, 8.0)
+    assert row["us_update_rounds"] == [3.0, 1.0, 2.0] and row["rounds"] == 3 and row["entry_update"] == "x"
