@@ -123,3 +123,35 @@ def test_bad_input_is_explained():
         dequantize_blockwise(codes, absmax[:1], qmap, (300,))
     with pytest.raises(ValueError, match="codes must be 1-D with 301"):
         dequantize_blockwise(codes, absmax, qmap, (301,))
+
+
+def test_qmap_order_checked_again_after_an_in_place_write(monkeypatch):
+    """A map is checked once, then trusted until written in place: an unsorting write raises at the
+    next call, quantize or dequantize, and a map sorted again passes."""
+    checks = []
+    real = blockwise8.check_dtype
+    monkeypatch.setattr(blockwise8, "check_dtype", lambda *a: (checks.append(a[0]), real(*a))[1])
+    qmap, x = dynamic_map(True).clone(), sample(300, True)
+    codes, absmax = quantize_blockwise(x, qmap)
+    dequantize_blockwise(codes, absmax, qmap, x.shape)
+    quantize_blockwise(x, qmap)
+    assert checks.count("qmap") == 1  # the first call's; the next two found it checked
+    qmap[[0, -1]] = qmap[[-1, 0]]  # in place: no longer ascending
+    with pytest.raises(ValueError, match="sorted"):
+        quantize_blockwise(x, qmap)
+    with pytest.raises(ValueError, match="sorted"):  # a failed check is not remembered
+        dequantize_blockwise(codes, absmax, qmap, x.shape)
+    qmap.copy_(dynamic_map(True))
+    torch.testing.assert_close(quantize_blockwise(x, qmap)[0], codes, rtol=0, atol=0)
+    n = checks.count("qmap")
+    dequantize_blockwise(codes, absmax, qmap, x.shape)
+    assert checks.count("qmap") == n
+
+
+def test_checked_qmaps_are_forgotten_with_their_tensor():
+    qmap = dynamic_map(False)
+    quantize_blockwise(sample(300, False), qmap)
+    key = id(qmap)
+    assert key in blockwise8._CHECKED_QMAPS
+    del qmap
+    assert key not in blockwise8._CHECKED_QMAPS

@@ -3,6 +3,7 @@ that updates go through (qgl.quant.Int8Tensor attached to QLinear's carrier)."""
 
 import ast
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,81 @@ def test_qlinear_storage_is_a_live_view_of_its_buffers():
     assert not torch.equal(q.dequantize_weight(), before)
     with pytest.raises(ValueError, match="shape"):
         s.add_(torch.zeros(16, 8), 1.0, seed=None)
+
+
+def _tensors(obj):
+    """Every tensor in an optimizer state (projectors through their state dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif hasattr(obj, "state_dict"):
+        yield from _tensors(obj.state_dict())
+
+
+def _layerwise_model(min_8bit_size: int):
+    torch.manual_seed(0)
+    net = quantize_model(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 48)), target_modules=["0"],
+                         group_size=32)  # an INT8 QLinear and a float nn.Linear, both projected
+    groups = make_param_groups(net, rank=4, target_modules=["0", "1"], update_proj_gap=2)
+    return net, QGaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, layerwise=True, min_8bit_size=min_8bit_size)
+
+
+@pytest.mark.parametrize("min_8bit_size", [1, 4096])  # 8-bit and fp32 moments
+@pytest.mark.parametrize("entry", ["update_param", "update_from_grad"])
+def test_updates_called_with_grad_enabled_build_no_graph(entry, min_8bit_size):
+    """Called outside backward with grad mode on, the update still runs under no_grad (entered only
+    then, not in the hooks): no autograd graph on the weights or the state, even from a gradient that
+    has one, and the same weights and state as with grad mode off."""
+    runs = []
+    for grad_mode in (True, False):
+        net, opt = _layerwise_model(min_8bit_size)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        call = opt.update_param if entry == "update_param" else opt.layerwise.update_from_grad
+        gen = torch.Generator().manual_seed(1)
+        with torch.set_grad_enabled(grad_mode):
+            for _ in range(3):  # a refresh at step 2 (gap 2) too
+                for p in params:
+                    p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).requires_grad_() * 1.0
+                    call(p)
+                    p.grad = None
+            assert torch.is_grad_enabled() is grad_mode  # the mode is restored
+        runs.append((net, opt))
+    (net, opt), (ref_net, ref_opt) = runs
+    assert all(p.is_leaf and p.grad_fn is None for p in net.parameters())
+    assert not any(t.requires_grad for t in net.buffers())
+    state = list(_tensors(list(opt.state.values())))
+    assert state and not any(t.requires_grad or t.grad_fn is not None for t in state)
+    a, b = net.state_dict(), ref_net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref_state = list(_tensors(list(ref_opt.state.values())))
+    assert len(ref_state) == len(state)
+    assert all(torch.equal(x, y) for x, y in zip(state, ref_state, strict=True))
+
+
+def test_the_backward_hook_path_enters_no_no_grad_context(monkeypatch):
+    """Grad mode is off inside backward: the layer-wise update enters no `torch.no_grad()` there; a
+    direct call with grad mode on enters exactly one (update_param, inside, sees it off)."""
+    entered = []
+
+    class CountingNoGrad(torch.no_grad):
+        def __enter__(self):
+            # The optimizer's only (torch's once_differentiable, in QLinear's backward, enters its own)
+            if "qgl/optim/" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                entered.append(1)
+            return super().__enter__()
+
+    net, opt = _layerwise_model(4096)
+    x = torch.randn(4, 32)
+    net(x).square().mean().backward()  # the first updates: states and the SVD
+    monkeypatch.setattr(torch, "no_grad", CountingNoGrad)
+    net(x).square().mean().backward()
+    assert entered == [] and all(p.grad is None for p in net.parameters())
+    p = net[1].weight
+    p.grad = torch.randn(p.shape)
+    opt.layerwise.update_from_grad(p)
+    assert entered == [1]

@@ -218,9 +218,13 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- the update
 
-    @torch.no_grad()
     def update_param(self, p: Tensor) -> None:
-        """Apply one AdamW step to `p` from `p.grad` (does not free the gradient)."""
+        """Apply one AdamW step to `p` from `p.grad` (does not free the gradient), under
+        `torch.no_grad()`: entered only when grad mode is on (as `LayerwiseDriver.update_from_grad`,
+        which calls it once per matrix from the backward hooks, where grad mode is off)."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.update_param(p)
         if self.offloader is None:
             return self._update_param(p)
         with self.offloader.resident(p, self.state[p]):

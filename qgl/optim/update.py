@@ -53,8 +53,8 @@ def apply_update(
         group: hyper-parameters (lr, betas, eps, weight_decay, seed, stochastic_rounding).
         index: the parameter's index in the optimizer (keys the stochastic rounding).
 
-    Run it under ``torch.no_grad()`` (as `QGaLoreAdamW.update_param` does: one context for the call
-    chain instead of one more per parameter update).
+    Run it with grad mode off (`QGaLoreAdamW.update_param` enters ``torch.no_grad()`` when it is on:
+    one context for the call chain, none inside the backward hooks, where it is already off).
     """
     state["step"] += 1
     step = state["step"]

@@ -10,7 +10,9 @@ whatever the state's size.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -48,12 +50,34 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be a positive int, got {block!r}")
 
 
+# The maps found valid: id(qmap) -> (a weak reference to it, its (_version, dtype, shape) then). The
+# 8-bit Adam passes the same two maps to its 4 (de)quantize calls of every update, and the order
+# check is 4 ops and a read of the result on the host; so each map is checked once, and again after
+# an in-place write (it bumps the tensor's version counter; a write through `.data`, which has its
+# own counter, is not seen). An entry goes with its tensor (the weak reference's callback).
+_CHECKED_QMAPS: dict[int, tuple[weakref.ref, tuple[int, torch.dtype, torch.Size]]] = {}
+
+
+def _forget_qmap(key: int, ref: weakref.ref) -> None:
+    if _CHECKED_QMAPS.get(key, (None,))[0] is ref:
+        del _CHECKED_QMAPS[key]
+
+
 def _check_qmap(qmap: Tensor) -> None:
+    """Raise unless `qmap` is fp32, 1-D, 2..256 entries, ascending; a map already found so and not
+    written since passes at the cost of a dict look-up."""
+    key = id(qmap)
+    seen = _CHECKED_QMAPS.get(key)
+    # `is`: an id is reused only after its object died, and a dead map's entry is gone with it.
+    if seen is not None and seen[0]() is qmap and seen[1] == (qmap._version, qmap.dtype, qmap.shape):
+        return
     check_dtype("qmap", qmap, torch.float32)
     if qmap.dim() != 1 or not 2 <= qmap.numel() <= 256:
         raise ValueError(f"qmap must be 1-D with 2..256 entries, got shape {tuple(qmap.shape)}")
     if bool((qmap[1:] < qmap[:-1]).any()):
         raise ValueError("qmap must be sorted ascending (as bitsandbytes' dynamic maps are)")
+    ref = weakref.ref(qmap, functools.partial(_forget_qmap, key))
+    _CHECKED_QMAPS[key] = (ref, (qmap._version, qmap.dtype, qmap.shape))
 
 
 def _chunks(numel: int, block: int):
