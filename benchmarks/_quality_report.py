@@ -88,6 +88,13 @@ def _svd_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
                  and r.get("steps")), None)
 
 
+def _svds(r: dict[str, Any]) -> str:
+    """The SVD count and the seconds spent in them ("-" where the row has none: rows before 2026-12-07,
+    methods without SVDs)."""
+    seconds = r.get("svd_seconds")
+    return f"{r.get('svds', '-')} | " + (f"{seconds:.2f}" if seconds else "-")
+
+
 def svds_vs(r: dict[str, Any], ref: dict[str, Any]) -> str:
     """Row `r`'s SVDs as a fraction of the reference row's, per step where their steps differ; "-" for
     a row without SVDs (full-rank, LoRA, a partial row)."""
@@ -105,11 +112,13 @@ def table(rows: list[dict[str, Any]], curves: dict[str, Curve], requested: int |
     at = f"val loss @ {common}" if common is not None else "val loss @ common step"
     ref = _svd_reference(rows)
     vs = " SVDs vs galore |" if ref else ""
-    lines = [f"| method | steps | train loss | val loss | val ppl | {at} | tokens/s | peak MiB | SVDs |{vs}"
-             " notes |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else "") + "---|"]
+    lines = [f"| method | steps | train loss | val loss | val ppl | {at} | tokens/s | peak MiB | "
+             f"SVDs | SVD s |{vs} notes |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else "") + "---|"]
     for r in rows:
         if "error" in r and not r.get("partial"):
-            lines.append(f"| {r['method']} | - | - | - | - | - | - | - | -{' | -' if ref else ''} | did not "
+            dashes = " | -" * (10 if ref else 9)
+            lines.append(f"| {r['method']}{dashes} | did not "
                          f"run: {r['error']}" + (f"; {r['notes']}" if r.get("notes") else "") + " |")
             continue
         curve = curves.get(r["method"], {"val": []})
@@ -123,7 +132,7 @@ def table(rows: list[dict[str, Any]], curves: dict[str, Curve], requested: int |
         lines.append(f"| {r['method']} | {_steps_cell(r, requested)} | {_fmt(r.get('train_loss'), '.4f')} | "
                      f"{_fmt(r.get('val_loss'), '.4f')} | {_fmt(r.get('val_ppl'), ',.2f')} | "
                      f"{_fmt(at_common, '.4f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
-                     f"{_fmt(peak, ',.0f') + (kind if peak is not None else '')} | {r.get('svds', '-')} | "
+                     f"{_fmt(peak, ',.0f') + (kind if peak is not None else '')} | {_svds(r)} | "
                      + (f"{svds_vs(r, ref)} | " if ref else "") + f"{'; '.join(notes)} |")
     return "\n".join(lines)
 

@@ -167,6 +167,7 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             "tokens_per_s_steady": summary.get("tokens_per_sec_after_first_step"),
             "train_loss": summary["train_loss"],
             "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0,
+            "svd_seconds": None if extra else summary.get("svd_seconds"),
             "train_loss_first": summary["train_loss_first"], "wall_s": summary["wall_seconds"]}
 
 

@@ -92,10 +92,12 @@ class SubspaceMonitor(Callback):
         return out
 
     def summary(self) -> dict[str, Any]:
-        """SVDs run, those plain GaLore would have run, the fraction saved, frozen layers, per-layer stats."""
+        """SVDs run, their seconds, those plain GaLore would have run, the fraction saved, frozen layers,
+        per-layer stats."""
         svd_total = sum(s["svd_count"] for s in self._stats.values())
+        svd_seconds = sum(float(s["svd_seconds"]) for s in self._stats.values())
         galore = sum(s["galore_svds"] for s in self._stats.values())
-        return dict(svd_total=svd_total, galore_svds=galore,
+        return dict(svd_total=svd_total, svd_seconds=svd_seconds, galore_svds=galore,
                     svd_saved_frac=1.0 - svd_total / galore if galore else 0.0,
                     frozen_layers=sum(bool(s["frozen"]) for s in self._stats.values()),
                     layers={name: {k: v for k, v in s.items() if k != "refresh_steps"}

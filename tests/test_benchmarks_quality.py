@@ -75,6 +75,7 @@ def test_quality_smoke_run_on_cpu(workdir, capsys):
         assert [s for s, _ in curve["train"]] == [2, 4, 6, 8] and [s for s, _ in curve["val"]] == [4, 8]
         assert curve["train"][-1][1] < curve["train"][0][1], (method, curve["train"])  # the loss went down
     assert int(table["qgalore"]["SVDs"]) > 0 and table["full"]["SVDs"] == "0"
+    assert float(table["qgalore"]["SVD s"]) > 0 and table["full"]["SVD s"] == "-"  # seconds in SVDs
     assert json.loads((out / "run.json").read_text())["per_method"] == {"full": ["optim.lr=3e-3"]}
     # --summarize rebuilds the same report from the files alone
     (out / "summary.md").unlink()

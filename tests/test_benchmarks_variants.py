@@ -171,28 +171,28 @@ def workdir(tmp_path, monkeypatch):
 @pytest.mark.slow  # 30-40 s on 2 cores: three child processes each import torch + Lightning
 def test_quality_runs_a_variant_as_a_row_of_its_own(workdir, capsys):
     out = workdir / "out"
-    args = ["--recipe", "tiny", "--device", "cpu", "--steps", "4", "--methods", "galore,qgalore,qgalore.q2",
-            "--set", "qgalore.q2:qgalore.queue_size=2", "--out", str(out), "--val-every", "2",
+    args = ["--recipe", "tiny", "--device", "cpu", "--steps", "4", "--methods", "galore,qgalore,qgalore.q5",
+            "--set", "qgalore.q5:qgalore.queue_size=5", "--out", str(out), "--val-every", "2",
             "--log-every", "2", "data.batch_size=4", "data.block_size=32", "trainer.limit_val_batches=1"]
     assert quality.main(args) == 0
-    names = ("galore", "qgalore", "qgalore.q2")
+    names = ("galore", "qgalore", "qgalore.q5")
     for name in names:
         for path in (f"curves/{name}.csv", f"rows/{name}.json", f"logs/{name}.log"):
             assert (out / path).is_file(), path
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(rows) == list(names) and not any("error" in r for r in rows.values())
     assert all(r["steps"] == 4 and r["svds"] > 0 for r in rows.values())
-    # The variant's resolved config (its notes) has the queue of 2, and lists its override; the plain
-    # qgalore row keeps the recipe's queue and has no such override.
-    assert "adaptive gap (queue 2," in rows["qgalore.q2"]["notes"]
-    assert rows["qgalore.q2"]["notes"].endswith("; qgalore.queue_size=2")
+    # The variant's resolved config (its notes) has the queue of 5 (the paper's code), and lists its
+    # override; the plain qgalore row keeps the default queue of 2 and has no such override.
+    assert "adaptive gap (queue 5," in rows["qgalore.q5"]["notes"]
+    assert rows["qgalore.q5"]["notes"].endswith("; qgalore.queue_size=5")
     plain = rows["qgalore"]["notes"]
-    assert "adaptive gap (queue 5," in plain and "queue_size" not in plain
+    assert "adaptive gap (queue 2," in plain and "queue_size" not in plain
     summary = (out / "summary.md").read_text()
     assert summary in capsys.readouterr().out
     table = _table(summary)
     assert list(table) == list(names)
     assert table["galore"]["SVDs vs galore"] == "1.00"
-    assert float(table["qgalore.q2"]["SVDs vs galore"]) > 0
-    assert "per method: qgalore.q2: `qgalore.queue_size=2`" in summary
+    assert float(table["qgalore.q5"]["SVDs vs galore"]) > 0
+    assert "per method: qgalore.q5: `qgalore.queue_size=5`" in summary
     assert json.loads((out / "run.json").read_text())["methods"] == list(names)

@@ -108,6 +108,8 @@ def test_callback_trains_a_foreign_module_and_monitors_it(tmp_path):
     assert {"subspace/frozen_layers", "subspace/svd_total", "subspace/svd_saved_frac"} <= columns
     summary = monitor.summary()
     assert summary["svd_total"] == sum(len(h["steps"]) for h in monitor.history.values())
+    assert summary["svd_seconds"] == pytest.approx(sum(s["svd_seconds"] for s in summary["layers"].values()))
+    assert summary["svd_seconds"] > 0
     assert summary["galore_svds"] == 3 * 10 >= summary["svd_total"]
     assert monitor.history["attn.weight"]["steps"][:3] == [0, 4, 8]
 
@@ -225,7 +227,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     def fit(max_steps: int, ckpt_path: str | None = None, checkpoint: ModelCheckpoint | None = None):
         torch.manual_seed(0)
         module = ToyRegressor(schedule=True, n=64)  # 4 batches an epoch
-        callbacks = [qgalore(update_proj_gap=2, cos_threshold=0.0, queue_size=1)]
+        callbacks = [qgalore(update_proj_gap=2, cos_threshold=0.0, queue_size=1, gamma_proj=2.0)]
         t = trainer(tmp_path, callbacks + ([checkpoint] if checkpoint else []), max_steps=max_steps,
                     enable_checkpointing=checkpoint is not None)
         t.fit(module, ckpt_path=ckpt_path)

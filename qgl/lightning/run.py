@@ -321,7 +321,8 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
         "first_step_seconds": stats.first_step_seconds,
-        "svd_total": subspace.get("svd_total"), "galore_svds": subspace.get("galore_svds"),
+        "svd_total": subspace.get("svd_total"), "svd_seconds": subspace.get("svd_seconds"),
+        "galore_svds": subspace.get("galore_svds"),
         "svd_saved_frac": subspace.get("svd_saved_frac"),
         "subspace_heatmap": subspace.get("heatmap") and os.path.abspath(subspace["heatmap"]),
         "run_dir": run_dir, "checkpoint_dir": str(Path(ckpt.dirpath or cfg.checkpoint.dir).resolve()),
@@ -356,7 +357,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     if s["svd_total"] is not None:
         saved = 100 * (s["svd_saved_frac"] or 0)
         table.add_row("SVDs run / GaLore schedule",
-                      f"{s['svd_total']} / {s['galore_svds']} ({saved:.0f}% saved)")
+                      f"{s['svd_total']} / {s['galore_svds']} ({saved:.0f}% saved)"
+                      + (f"; {s['svd_seconds']:.2f} s in SVDs" if s.get("svd_seconds") is not None else ""))
     if s["subspace_heatmap"]:
         table.add_row("subspace heatmap", s["subspace_heatmap"])
     table.add_row("run dir", s["run_dir"])
