@@ -165,6 +165,7 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             "memory_kind": summary["memory_kind"], "states_mib": states / _MIB,
             "tokens_per_s": summary["tokens_per_sec"],
             "tokens_per_s_steady": summary.get("tokens_per_sec_after_first_step"),
+            "tokens_per_s_second_half": summary.get("tokens_per_sec_second_half"),
             "train_loss": summary["train_loss"],
             "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0,
             "svd_seconds": None if extra else summary.get("svd_seconds"),

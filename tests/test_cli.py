@@ -98,6 +98,7 @@ def test_train_end_to_end_wandb_offline(clean_env, spy_run, capsys):
     assert s["tokens_per_sec"] > 0 and s["peak_memory_bytes"] > 0 and s["svd_total"] > 0
     # 6 steps: the rate after the first step (every layer's SVD) counts the 5 others
     assert s["tokens_per_sec_after_first_step"] > 0
+    assert s["tokens_per_sec_second_half"] > 0 and s["svd_seconds"] > 0  # steps 3..6; SVD time
     assert "after the first step" in out
     assert 0 < s["first_step_seconds"] < s["wall_seconds"] and "first optimizer step" in out
     assert os.environ["WANDB_MODE"] == "offline"
@@ -131,3 +132,15 @@ def test_train_adamw_csv_and_resume(clean_env, spy_run, capsys):
     assert abs(spy_run[0]["train_loss_first"] - math.log(320)) < 0.3
     assert main([*args, "trainer.max_steps=8", "ckpt_path=last"]) == 0
     assert spy_run[1]["steps"] == 8
+
+
+def test_second_half_rate_counts_from_the_middle_step_to_the_last():
+    from qgl.lightning.run import RunStats
+
+    stats = RunStats()
+    assert stats.second_half_rate() is None
+    # step ends at 10 s (a slow first step), then 1 s a step of 100 tokens, the 4th step slower
+    stats.step_marks = [(10.0, 100), (11.0, 200), (12.0, 300), (14.0, 400), (15.0, 500)]
+    assert stats.second_half_rate() == (500 - 300) / (15.0 - 12.0)
+    stats.step_marks = stats.step_marks[:3]
+    assert stats.second_half_rate() is None  # fewer than 4 steps: no second half worth the name

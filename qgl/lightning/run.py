@@ -64,6 +64,10 @@ class RunStats(Callback):
         self._tokens1 = 0
         self.steady_seconds = 0.0
         self.steady_tokens = 0
+        self._val_seconds = 0.0  # validation time so far (left out of every rate)
+        # (training seconds, tokens seen) at the end of each optimizer step: the rate over the second
+        # half of a run leaves out the one-time costs of its first steps (autotuning, allocator growth)
+        self.step_marks: list[tuple[float, int]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens0 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
@@ -80,8 +84,10 @@ class RunStats(Callback):
             self._step = trainer.global_step
             self.losses.append(sum(self._window) / len(self._window))
             self._window = []
+            now, tokens = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
+            self.step_marks.append((now - self._val_seconds, tokens))
             if self._t1 is None:  # float(loss) above waited for the device: the step is done
-                self._t1, self._tokens1 = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
+                self._t1, self._tokens1 = now, tokens
                 self.first_step_seconds = self._t1 - self._t0
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,10 +97,18 @@ class RunStats(Callback):
         if trainer.training or trainer.state.fn == "fit":
             val_seconds = time.perf_counter() - self._val_t0
             self._t0 += val_seconds  # validation time is not training time
+            self._val_seconds += val_seconds
             if self._t1 is not None:
                 self._t1 += val_seconds
         if not trainer.sanity_checking:
             self.last_val_step = trainer.global_step
+
+    def second_half_rate(self) -> float | None:
+        """Tokens/s (this process) from the middle optimizer step to the last; None under 4 steps."""
+        if len(self.step_marks) < 4:
+            return None
+        (t0, n0), (t1, n1) = self.step_marks[len(self.step_marks) // 2], self.step_marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         end, tokens = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
@@ -317,6 +331,7 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "tokens_per_sec": world * stats.tokens / stats.train_seconds if stats.train_seconds > 0 else None,
         "tokens_per_sec_after_first_step": (world * stats.steady_tokens / stats.steady_seconds
                                             if stats.steady_seconds > 0 and stats.steady_tokens else None),
+        "tokens_per_sec_second_half": (rate := stats.second_half_rate()) and world * rate,
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
