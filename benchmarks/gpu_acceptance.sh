@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_acceptance.sh tests      # CUDA tests (pytest-xdist); FIRST_STEP=1: the 7B first step's SVDs
 #   bash benchmarks/gpu_acceptance.sh finetune   # fine-tuning memory at LLaMA-2-7B and Llama-3-8B shapes
 #   bash benchmarks/gpu_acceptance.sh compare    # 1B qgalore before (3338d3d, .base) and after, alternating, twice
+#   bash benchmarks/gpu_acceptance.sh compare_loop  # the same in a plain loop (no Lightning), torch.profiler tables
 #   bash benchmarks/gpu_acceptance.sh methods    # 1B methods (qgalore, q-galore-torch, full); host time per matrix
 #   bash benchmarks/gpu_acceptance.sh train7b    # LLaMA-7B qgl train: the run summary's first step
 #   bash benchmarks/gpu_acceptance.sh quality    # 3000-step LLaMA-60M quality: SVD count and loss, galore/qgalore
@@ -41,7 +42,7 @@ tests)
 compare)
     # Issue 16: not slower than before the architecture change. Host-bound rows vary with the machine
     # and from run to run: the two trees alternate on one machine, twice, STEPS steps a row.
-    STEPS=${STEPS:-20}
+    STEPS=${STEPS:-30}  # rows report tokens/s after step 1 and over the second half of the steps
     for round in 1 2; do
         (cd .base && PYTHONPATH=$PWD:/tmp/site timeout 150 python3 benchmarks/methods.py $ONE_B --methods qgalore \
             --steps $STEPS --set qgalore:trainer.precision=bf16-true --out /tmp/base$round) 2>&1 | tail -3 \
@@ -49,6 +50,17 @@ compare)
         timeout 120 python3 benchmarks/methods.py $ONE_B --methods qgalore --steps $STEPS \
             --set qgalore:trainer.precision=bf16-true --out /tmp/new$round 2>&1 | tail -3 | tee "$OUT/compare_new$round.txt"
         cp /tmp/base$round/results.json "$OUT/compare_base$round.json"; cp /tmp/new$round/results.json "$OUT/compare_new$round.json"
+    done
+    ;;
+compare_loop)
+    # Is the difference of `compare` in the Lightning path or in the optimizer and layers? The plain
+    # loop of benchmarks/train_step.py, each tree, alternating; --profile prints device time per kernel.
+    LOOP="--model 1b --checkpointing --rank 512 --methods qgalore --check-finite --steps 30 --warmup 5 --profile"
+    for round in 1 2; do
+        (cd /tmp && PYTHONPATH=$OLDPWD/.base:/tmp/site timeout 150 python3 $OLDPWD/.base/benchmarks/train_step.py $LOOP) \
+            > "$OUT/loop_base$round.txt" 2>&1; grep -m3 "qgalore" "$OUT/loop_base$round.txt"
+        (cd /tmp && timeout 120 python3 $OLDPWD/benchmarks/train_step.py $LOOP) > "$OUT/loop_new$round.txt" 2>&1
+        grep -m3 "qgalore" "$OUT/loop_new$round.txt"
     done
     ;;
 finetune)
@@ -77,7 +89,7 @@ quality)
         --out "$OUT/quality" 2>&1 | tail -20
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|methods|train7b|quality"
+    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|compare_loop|methods|train7b|quality"
     exit 2
     ;;
 esac
