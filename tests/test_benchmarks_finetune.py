@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "finetune_memory.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("finetune_memory.py", "bench_finetune")
 
 
 @pytest.mark.parametrize("method", ["lora-r16", "qlora", "galore", "qgalore"])

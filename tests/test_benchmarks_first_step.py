@@ -3,21 +3,15 @@ argument errors (the GPU run times LLaMA-7B's shapes with the same code)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_first_step", ROOT / "benchmarks" / "first_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("first_step.py")
 
 
 def test_llama_7b_has_224_projected_matrices(bench):

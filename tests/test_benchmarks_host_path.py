@@ -3,20 +3,13 @@ counts, the table's columns, and a tree that cannot be measured reported in its 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_host_path", ROOT / "benchmarks" / "host_path.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("host_path.py")
 
 
 def test_measure_gives_positive_numbers_and_the_table_its_columns(bench, one_thread):

@@ -4,25 +4,20 @@ method's build and step on the tiny recipe (the code the GPU children run)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _bench import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path: _memory_child below
-    return module
+    return load_benchmark("memory.py")  # puts benchmarks/ on sys.path: _memory_child below
 
 
 def _row(model, method, status="ok", peak=None, cap=None, tps=None, predicted=None, **extra):

@@ -4,7 +4,6 @@ saved files (also from a run cut short), and the curve writer's time limit."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from _bench import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path: _curves, _quality_report below
-    return module
-
-
-quality = _load()
+quality = load_benchmark("quality.py")  # puts benchmarks/ on sys.path: _curves, _quality_report below
 report = sys.modules["_quality_report"]
 curves_mod = sys.modules["_curves"]
 

@@ -6,25 +6,15 @@ column, and a CPU smoke run of the three rows."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path: methods, _cli, _quality_report
-    return module
-
-
-quality = _load("bench_quality_variants", "quality.py")
+quality = load_benchmark("quality.py", "bench_quality_variants")  # puts benchmarks/ on sys.path
 methods = sys.modules["methods"]
 report = sys.modules["_quality_report"]
 cli = sys.modules["_cli"]

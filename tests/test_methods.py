@@ -4,7 +4,6 @@ benchmark and its adapters for the public GaLore packages."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
+from _bench import load_benchmark
 from torch import nn
 
 from qgl.callbacks import AdamW8bitCallback, LoRACallback, QGaLoreCallback, method_callbacks
@@ -217,15 +217,8 @@ def test_nf4_lora_state_dict_round_trip():
 
 
 # ---------------------------------------------------------------- the benchmark and its adapters
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_methods_benchmark_smoke_on_cpu(workdir, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("methods.py")
     args = ["--device", "cpu", "--steps", "3", "--out", str(workdir / "out"), "data.batch_size=2",
             "data.block_size=32", "trainer.limit_val_batches=1"]
     assert bench.main(args) == 0
@@ -240,7 +233,7 @@ def test_methods_benchmark_smoke_on_cpu(workdir, capsys):
 
 def test_methods_benchmark_per_method_override(workdir, capsys):
     """`--set galore:trainer.precision=bf16-true` reaches that method's run only, and its row says so."""
-    bench = _load_benchmark()
+    bench = load_benchmark("methods.py")
     args = ["--device", "cpu", "--steps", "2", "--out", str(workdir / "out"), "--methods", "full,galore",
             "--set", "galore:trainer.precision=bf16-true", "data.batch_size=2", "data.block_size=32",
             "trainer.limit_val_batches=1"]
@@ -301,7 +294,7 @@ def test_public_adapter_restores_arguments_not_math(package):
 def test_methods_benchmark_isolates_each_row_in_its_own_process(workdir, capsys):
     """`--isolate`: every row comes from a fresh process; a process that dies without its row
     leaves an error row naming its exit code and log, and the other rows stand."""
-    bench = _load_benchmark()
+    bench = load_benchmark("methods.py")
     args = ["--device", "cpu", "--steps", "2", "--out", str(workdir / "out"), "--isolate",
             "--methods", "full,galore", "--set", "galore:trainer.max_steps=not-a-number",
             "data.batch_size=2", "data.block_size=32", "trainer.limit_val_batches=1"]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bench import load_benchmark
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -243,13 +243,6 @@ def workdir(tmp_path, monkeypatch, one_thread):
     return tmp_path
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Probe(Callback):
     """The INT8 weights as the run starts (after PublicGaLoreCallback's setup) and as it ends."""
 
@@ -273,7 +266,7 @@ FAST = [
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_q_galore_torch_row_trains_int8_weights(layerwise, workdir):
     _public_packages()
-    bench, probe = _load_benchmark(), _Probe()
+    bench, probe = load_benchmark("methods.py"), _Probe()
     row = bench.run_method(
         None,
         [*FAST, f"qgalore.layerwise={layerwise}"],
@@ -296,7 +289,7 @@ def test_q_galore_torch_row_trains_int8_weights(layerwise, workdir):
 
 def test_public_float_weights_switch(workdir):
     _public_packages()
-    bench = _load_benchmark()
+    bench = load_benchmark("methods.py")
     args = [
         "--device",
         "cpu",
