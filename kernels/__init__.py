@@ -32,6 +32,7 @@ from .int4_ref import (
 )
 from .int8_ref import (
     check_dequantize_int8,
+    check_device_scalars,
     check_int8_update,
     check_quantize_int8,
     dequantize_int8_ref,
@@ -93,7 +94,8 @@ def dequantize_int8(
 
 
 def int8_update_(
-    q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, decay: float, group_size: int, seed: int
+    q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, decay: float | Tensor, group_size: int,
+    seed: int, step: Tensor | None = None,
 ) -> None:
     """In place on ``q``, ``scale``, ``zero``: ``W <- SR(decay * dequant(W) + delta)``.
 
@@ -101,14 +103,24 @@ def int8_update_(
     symmetric), ``delta`` fp32 ``[*shape]``. Scales are recomputed from the updated fp32 values;
     stochastic rounding draws its uniforms from a generator keyed by ``seed`` (same seed, same
     bits on the same implementation and device). Non-finite ``delta`` is the caller's problem.
+
+    Device scalars (what lets a CUDA graph replay the update while the step and the learning rate
+    move): with ``step``, an int32/int64 tensor of one element on q's device, the key is ``(seed +
+    step) mod 2**62`` (``seed`` in ``[0, 2**62)``) and ``decay`` is a one-element fp32 tensor on q's
+    device; the kernel reads both when it runs. Same bits as the host numbers ``float(decay)`` and
+    ``(seed + int(step)) % 2**62``. The references read them on the host.
     """
     check_int8_update(q, scale, zero, delta, group_size)
+    if step is not None:
+        check_device_scalars(q, decay, seed, step)
     if use_triton(q):
         from .int8_triton import int8_update_triton
 
-        int8_update_triton(q, scale, zero, delta, decay, group_size, seed)
+        int8_update_triton(q, scale, zero, delta, decay, group_size, seed, step)
         return
-    int8_update_ref(q, scale, zero, delta, decay, group_size, seed)
+    if step is not None:
+        decay, seed = float(decay), (seed + int(step)) % 2**62
+    int8_update_ref(q, scale, zero, delta, float(decay), group_size, seed)
 
 
 # --- INT4 projections ----------------------------------------------------------------------------

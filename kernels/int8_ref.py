@@ -26,6 +26,7 @@ __all__ = [
     "check_quantize_int8",
     "check_dequantize_int8",
     "check_int8_update",
+    "check_device_scalars",
     "quantize_int8_ref",
     "dequantize_int8_ref",
     "int8_update_ref",
@@ -68,6 +69,20 @@ def check_int8_update(q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tens
         raise ValueError(f"delta must have q's shape {tuple(q.shape)}, got {tuple(delta.shape)}")
     if not q.is_contiguous():
         raise ValueError("q must be contiguous: it is updated in place through a flat view")
+
+
+def check_device_scalars(q: Tensor, decay: object, seed: object, step: Tensor) -> None:
+    """``int8_update_``'s device scalars: ``step`` int32/int64 with one element and ``decay`` fp32 with
+    one element, both on ``q``'s device; ``seed`` an int in ``[0, 2**62)``."""
+    if not isinstance(step, Tensor) or step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
+        raise ValueError(f"step must be an int32/int64 tensor of one element, got {step!r}")
+    if not isinstance(decay, Tensor) or decay.dtype != torch.float32 or decay.numel() != 1:
+        raise ValueError(f"with a device step, decay must be an fp32 tensor of one element, got {decay!r}")
+    if step.device != q.device or decay.device != q.device:
+        raise ValueError(f"step and decay must be on q's device {q.device}, "
+                         f"got {step.device} and {decay.device}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+        raise ValueError(f"with a device step, seed must be an int in [0, 2**62), got {seed!r}")
 
 
 def _group_stats(x: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:

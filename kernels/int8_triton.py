@@ -35,6 +35,8 @@ __all__ = ["quantize_int8_triton", "dequantize_int8_triton", "int8_update_triton
 MAX_TILE_GROUP = 16384
 _TILE_ELEMS = 4096  # elements a program handles (GPB * BLOCK_GS) when groups are small
 _empty = torch.empty  # every output allocation goes through here (tests poison it)
+# Stochastic-rounding keys with a device step: (seed + step) mod 2**62.
+_KEY_MOD: tl.constexpr = tl.constexpr(2**62)
 
 
 def interpreting() -> bool:
@@ -168,10 +170,15 @@ def _dequantize_int8_kernel(
 
 @triton.jit(do_not_specialize=["decay", "seed"])
 def _int8_update_kernel(
-    q_ptr, scale_ptr, zero_ptr, delta_ptr, numel, n_grp, decay, seed,
+    q_ptr, scale_ptr, zero_ptr, delta_ptr, numel, n_grp, decay, seed, decay_ptr, step_ptr,
     GS: tl.constexpr, GPB: tl.constexpr, BLOCK_GS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    DEVICE_SCALARS: tl.constexpr,
 ):  # fmt: skip
     groups, offs, mask, gmask = _group_tile(tl.program_id(0), numel, n_grp, GS, GPB, BLOCK_GS)
+    if DEVICE_SCALARS:  # read at run time: a CUDA graph replays this launch as the step advances
+        decay = tl.load(decay_ptr)
+        seed = seed.to(tl.int64) + tl.load(step_ptr).to(tl.int64)  # < 2**63: seed < 2**62, step < 2**62
+        seed = tl.where(seed >= _KEY_MOD, seed - _KEY_MOD, seed)
     # Old weights, dequantized in fp32 exactly as dequantize_int8 does.
     w = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
     if not SYMMETRIC:
@@ -248,26 +255,35 @@ def dequantize_int8_triton(
 
 
 def int8_update_triton(
-    q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, decay: float, group_size: int, seed: int
+    q: Tensor, scale: Tensor, zero: Tensor | None, delta: Tensor, decay: float | Tensor, group_size: int,
+    seed: int, step: Tensor | None = None,
 ) -> None:
     """In place, one pass: ``w' = decay * dequant(q) + delta``; new scale/zero; ``q' = SR(w'/scale+zero)``.
 
     ``q``: contiguous int8 ``[*shape]``; ``scale``/``zero``: fp32 ``[n_groups]`` (``zero`` None:
     symmetric, stays symmetric); ``delta``: floating ``[*shape]`` (fp32 expected; bf16/fp16 are
     widened in registers). Stochastic rounding uses Philox keyed by ``seed`` and the element position.
+    With ``step`` (int ``[1]`` on q's device) the key is ``(seed + step) mod 2**62`` and ``decay`` a
+    1-element fp32 tensor, both read by the kernel (`qgl.kernels.int8_update_`).
     """
     check_device(q, scale, zero, delta)
     check_numel(q.numel())
     if group_size > MAX_TILE_GROUP or delta.dtype == torch.float64:
-        int8_update_ref(q, scale, zero, delta, decay, group_size, seed)
+        if step is not None:  # the reference takes host numbers (a sync; never inside a CUDA graph)
+            decay, seed = float(decay), (int(seed) + int(step)) % 2**62
+        int8_update_ref(q, scale, zero, delta, float(decay), group_size, seed)
         return
     numel, g = q.numel(), scale.numel()
     if numel == 0:
         return
     # Philox takes a 64-bit key; fold any Python int into [0, 2**63) (negative seeds included).
     seed = int(seed) & (2**63 - 1)
+    device_scalars = step is not None
     block_gs, gpb, warps = group_tiling(group_size)
     _int8_update_kernel[(triton.cdiv(g, gpb),)](
-        q, scale, scale if zero is None else zero, delta.contiguous(), numel, g, float(decay), seed,
-        GS=group_size, GPB=gpb, BLOCK_GS=block_gs, SYMMETRIC=zero is None, num_warps=warps,
+        q, scale, scale if zero is None else zero, delta.contiguous(), numel, g,
+        1.0 if device_scalars else float(decay), seed,
+        decay if device_scalars else scale, step if device_scalars else scale,
+        GS=group_size, GPB=gpb, BLOCK_GS=block_gs, SYMMETRIC=zero is None, DEVICE_SCALARS=device_scalars,
+        num_warps=warps,
     )  # fmt: skip

@@ -80,12 +80,26 @@ def moments_nbytes(state: dict[str, Tensor]) -> int:
 
 
 def adam_direction(
-    grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int
+    grad: Tensor, state: dict[str, Tensor], beta1: float, beta2: float, eps: float, step: int | Tensor
 ) -> Tensor:
     """Advance the moments in `state` by `grad` (any float dtype) and return the fp32 direction.
 
-    `step` counts from 1. The moments in `state` are updated in place.
+    `step` counts from 1: an int, or (8-bit moments only) a one-element int tensor on grad's device
+    that the kernel reads when it runs, so that a CUDA graph can replay the call as the step advances
+    (`qgl.kernels.adam8_triton`, which then runs wherever Triton does: CUDA, or the interpreter). The
+    moments in `state` are updated in place.
     """
+    if isinstance(step, Tensor):
+        if "exp_avg" in state:
+            raise ValueError("a device step needs 8-bit moments (optim_bits=8); 32-bit moments take "
+                             "an int step")
+        from qgl.kernels.adam8_triton import adam8_direction_triton
+
+        device = grad.device
+        return adam8_direction_triton(
+            grad, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+            state["exp_avg_sq_absmax"], _qmap(True, device), _qmap(False, device), beta1, beta2, eps, step,
+        )  # fmt: skip
     if "exp_avg" in state:
         return _direction_32bit(grad.float(), state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, step)
     if grad.is_cuda and _bitsandbytes() is not None:

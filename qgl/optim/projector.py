@@ -235,18 +235,20 @@ class GaLoreProjector:
         return g @ p.T if self.side == "right" else p.T @ g
 
     def project_back(
-        self, low: Tensor, factor: float = 1.0, out_dtype: torch.dtype = torch.float32
+        self, low: Tensor, factor: float | Tensor = 1.0, out_dtype: torch.dtype = torch.float32
     ) -> Tensor:
         """Full-shape update times `scale * factor`: low @ P if right, P @ low if left; computed
         in fp32, returned in `out_dtype` (rounded once).
 
         The factors are applied to `low` (m x r or r x n), not to the (m, n) result: one pass
-        over the small tensor instead of one over the full one.
+        over the small tensor instead of one over the full one. A tensor `factor` (fp32, one
+        element, on low's device) is the whole multiplier, `scale` included: `multiplier(f)` rounded
+        to fp32, read when the product runs (a CUDA graph's learning rate); same bits as the float.
         """
         if tuple(low.shape) != self.low_shape:
             raise ValueError(f"expected a low-rank tensor of shape {self.low_shape}, got {tuple(low.shape)}")
         p = self._require_basis()
-        low = low.float() * (self.scale * float(factor))
+        low = low.float() * self._multiplier(factor)
         if self._decoded is not None:
             low16, p16 = low.to(self._decoded.dtype), self._decoded
             return mm16(low16, p16, out_dtype) if self.side == "right" else mm16(p16, low16, out_dtype)
@@ -258,13 +260,14 @@ class GaLoreProjector:
         p = p.float()
         return (low @ p if self.side == "right" else p @ low).to(out_dtype)
 
-    def add_back_(self, weight: Tensor, low: Tensor, factor: float = 1.0) -> None:
+    def add_back_(self, weight: Tensor, low: Tensor, factor: float | Tensor = 1.0) -> None:
         """``weight += scale * factor * back(low)`` in place, for a float weight of shape (m, n): one
         ``addmm_`` in the weight's dtype (fp32 accumulation, one rounding, no (m, n) temporary),
         where `project_back` + ``add_`` would write the whole update to memory first.
 
         `low` and P are rounded to the weight's dtype for the product (P is already stored in it
         when the weight is 16-bit and the gradient was too); `low` (m x r or r x n) is scaled first.
+        A tensor `factor` is the whole multiplier, as in `project_back`.
         """
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"expected a weight of shape {self.shape}, got {tuple(weight.shape)}")
@@ -276,11 +279,18 @@ class GaLoreProjector:
             p = self._decoded
         else:
             p = p.dequantize(dtype) if isinstance(p, Int4Tensor) else p.to(dtype)
-        low = (low.float() * (self.scale * float(factor))).to(dtype)
+        low = (low.float() * self._multiplier(factor)).to(dtype)
         if self.side == "right":
             weight.addmm_(low, p)
         else:
             weight.addmm_(p, low)
+
+    def multiplier(self, factor: float) -> float:
+        """`scale * factor`: what `project_back` and `add_back_` multiply the low-rank tensor by."""
+        return self.scale * float(factor)
+
+    def _multiplier(self, factor: float | Tensor) -> float | Tensor:
+        return factor if isinstance(factor, Tensor) else self.multiplier(factor)
 
     def basis(self) -> Tensor | None:
         """P as used by the projections (dequantized if stored INT4), in fp32, or None before the

@@ -20,6 +20,7 @@ and calls it once.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,17 +30,47 @@ from qgl.optim.adam import adam_direction, adam_step_
 from qgl.optim.projector import GaLoreProjector
 from qgl.quant import Int8Tensor
 
-__all__ = ["apply_update", "sr_seed"]
+__all__ = ["DeviceScalars", "apply_update", "sr_key", "sr_seed"]
+
+
+def sr_key(seed: int, index: int) -> int:
+    """The stochastic-rounding key of parameter `index` under group seed `seed`, in [0, 2**62)."""
+    # A cheap integer mix: distinct (seed, parameter, step) give unrelated Philox streams.
+    return (((seed * 0x9E3779B1) ^ (index * 0x85EBCA77)) * 0xC2B2AE3D) % (2**62)
 
 
 def sr_seed(seed: int, index: int, step: int) -> int:
-    """The stochastic-rounding seed of parameter `index` at `step` (from 1) under group seed `seed`."""
-    # A cheap integer mix: distinct (seed, parameter, step) give unrelated Philox streams.
-    return (((seed * 0x9E3779B1) ^ (index * 0x85EBCA77)) * 0xC2B2AE3D + step) % (2**62)
+    """The stochastic-rounding seed of parameter `index` at `step` (from 1): ``(key + step) mod 2**62``."""
+    return (sr_key(seed, index) + step) % (2**62)
+
+
+@dataclass
+class DeviceScalars:
+    """The numbers of one update that change from step to step, as tensors on the weight's device.
+
+    The kernels read them when they run, so a CUDA graph captured once replays the update of every
+    later step (`qgl.optim.graphed`); each equals, in fp32 or int64, the number `apply_update`
+    computes on the host, and gives the same bits.
+
+    Attributes:
+        step: int64 ``[1]``, the step this update makes (from 1): Adam's bias corrections and the
+            stochastic-rounding key ``(sr_key + step) mod 2**62``.
+        back: fp32 0-dim, the back-projection's multiplier ``scale * -lr``.
+        decay: fp32 0-dim, ``1 - lr * weight_decay``.
+    """
+
+    step: Tensor
+    back: Tensor
+    decay: Tensor
 
 
 def apply_update(
-    weight: Tensor | Int8Tensor, grad: Tensor, state: dict[str, Any], group: Mapping[str, Any], index: int
+    weight: Tensor | Int8Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: Mapping[str, Any],
+    index: int,
+    scalars: DeviceScalars | None = None,
 ) -> None:
     """One AdamW step (GaLore-projected if `state` holds a projector) of `weight` from `grad`.
 
@@ -52,6 +83,9 @@ def apply_update(
             updated in place: `step` += 1, moments advanced, projector refreshed when due.
         group: hyper-parameters (lr, betas, eps, weight_decay, seed, stochastic_rounding).
         index: the parameter's index in the optimizer (keys the stochastic rounding).
+        scalars: the step, the back-projection's multiplier and the decay as device tensors (a GaLore
+            parameter with 8-bit moments and stochastic rounding only): the path a CUDA graph
+            captures. The caller has written them for this step; `state["step"]` still advances here.
 
     Run it with grad mode off (`QGaLoreAdamW.update_param` enters ``torch.no_grad()`` when it is on:
     one context for the call chain, none inside the backward hooks, where it is already off).
@@ -63,6 +97,22 @@ def apply_update(
     lr = group["lr"]
     decay = 1.0 - lr * group["weight_decay"]
     int8 = isinstance(weight, Int8Tensor)
+    if scalars is not None:
+        if projector is None or (int8 and not group["stochastic_rounding"]):
+            raise ValueError("device scalars serve a GaLore parameter with stochastic rounding")
+        # The same operations as below, with the step, -lr (times scale) and the decay read from
+        # the device; a float decay of 1 is skipped below, multiplied here (exact either way).
+        projector.maybe_refresh(grad, step - 1)
+        with projector.decoded(grad):
+            low = projector.project(grad)
+            direction = adam_direction(low, state, beta1, beta2, group["eps"], scalars.step)
+            if not int8:
+                weight.mul_(scalars.decay)
+                projector.add_back_(weight, direction, scalars.back)
+                return
+            delta = projector.project_back(direction, scalars.back, torch.bfloat16)
+        weight.add_(delta, scalars.decay, sr_key(group["seed"], index), step=scalars.step)
+        return
     if projector is not None:
         projector.maybe_refresh(grad, step - 1)
         with projector.decoded(grad):  # one decoding of an INT4 P for both products

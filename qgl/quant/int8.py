@@ -105,14 +105,23 @@ class Int8Tensor:
         if zero is not None:
             self.zero.copy_(zero)  # type: ignore[union-attr]
 
-    def add_(self, delta: Tensor, decay: float = 1.0, seed: int | None = 0) -> Int8Tensor:
+    def add_(
+        self, delta: Tensor, decay: float | Tensor = 1.0, seed: int | None = 0, step: Tensor | None = None
+    ) -> Int8Tensor:
         """In place ``W <- SR(decay * W + delta)``, stochastic rounding keyed by ``seed``; returns self.
 
         ``delta``: floating ``[*shape]`` (fp32 or 16-bit; added in fp32). Scales (and zeros) are
         recomputed from the updated values. ``seed=None``: round to nearest instead, which drops every
         update smaller than half a step (the ablation that shows why stochastic rounding exists).
+        ``step``: a one-element int tensor on the weight's device; the key is then ``(seed + step) mod
+        2**62`` and ``decay`` a one-element fp32 tensor, read when the kernel runs (``int8_update_``).
         """
         q, scale, zero = self.q, self.scale, self.zero
+        if step is not None:
+            if seed is None:
+                raise ValueError("a device step keys the stochastic rounding: it needs a seed")
+            int8_update_(q, scale, zero, delta, decay, self.group_size, int(seed), step)
+            return self
         if seed is not None:  # the arguments are checked once, by the kernel's entry point
             int8_update_(q, scale, zero, delta, float(decay), self.group_size, int(seed))
             return self
