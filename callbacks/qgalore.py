@@ -67,6 +67,8 @@ class QGaLoreCallback(OptimizerSwap):
         shard_state: under DDP, each parameter's optimizer state (moments, projector) lives on one
             owner rank, which updates it and broadcasts the new weight (`qgl.optim.distributed`);
             False: all-reduce, every rank holds every state.
+        cuda_graphs: replay each matrix's update as a CUDA graph between its refreshes (CUDA, 8-bit
+            moments, no offload, single process; `qgl.optim.graphed`).
 
     From the module's optimizer the callback keeps lr, betas (when it has them), eps and
     weight_decay; weight decay then applies to matrices only, not to biases and norms
@@ -98,7 +100,7 @@ class QGaLoreCallback(OptimizerSwap):
                  layerwise: bool = _D["layerwise"],
                  layerwise_clip_norm: float | None = _D["layerwise_clip_norm"], seed: int = 0,
                  subspace_monitor: bool = True, offload: bool | str | None = _D["offload"],
-                 shard_state: bool = _D["shard_state"]) -> None:
+                 shard_state: bool = _D["shard_state"], cuda_graphs: bool = _D["cuda_graphs"]) -> None:
         # Checked here, at construction (a bad value never reaches the first backward hook).
         self.settings = QGaLoreSettings(
             rank=rank, target_modules=_listed(target_modules), exclude=_listed(exclude),
@@ -108,7 +110,8 @@ class QGaLoreCallback(OptimizerSwap):
             gamma_proj=gamma_proj, queue_size=queue_size, max_gap=max_gap, svd_method=svd_method,
             refresh_metric=refresh_metric,
             optim_bits=optim_bits, min_8bit_size=min_8bit_size, layerwise=layerwise,
-            layerwise_clip_norm=layerwise_clip_norm, offload=offload, shard_state=shard_state)
+            layerwise_clip_norm=layerwise_clip_norm, offload=offload, shard_state=shard_state,
+            cuda_graphs=cuda_graphs)
         chosen = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in dataclasses.asdict(self.settings).items()}
         self.config: dict[str, Any] = {**chosen, "seed": seed, "subspace_monitor": subspace_monitor}
@@ -200,7 +203,8 @@ class QGaLoreCallback(OptimizerSwap):
                                    weight_decay=kept["weight_decay"], **{k: c[k] for k in _GALORE_OPTIONS})
         return QGaLoreAdamW(groups, **kept, optim_bits=c["optim_bits"], min_8bit_size=c["min_8bit_size"],
                             seed=c["seed"], layerwise=c["layerwise"],
-                            layerwise_clip_norm=c["layerwise_clip_norm"], offload=c["offload"])
+                            layerwise_clip_norm=c["layerwise_clip_norm"], offload=c["offload"],
+                            cuda_graphs=c["cuda_graphs"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -298,6 +298,8 @@ def test_a_layerwise_step_never_waits_for_the_device(method):
 
     step()  # the first updates run the SVDs (which synchronize), and caches warm up
     opt.step()
+    step()  # the second captures each matrix's update as a CUDA graph (once per refresh interval)
+    opt.step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:

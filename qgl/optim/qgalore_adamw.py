@@ -33,6 +33,7 @@ from torch import Tensor
 
 from qgl.optim.adam import init_moments, moments_nbytes
 from qgl.optim.finite import NonFiniteFlags
+from qgl.optim.graphed import GraphedUpdates
 from qgl.optim.layerwise import LayerwiseDriver
 from qgl.optim.offload import make_offloader, offloaded_nbytes
 from qgl.optim.projector import GaLoreProjector
@@ -69,6 +70,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             updates: True or "cpu" (pinned CPU memory, prefetched on a side stream,
             `qgl.optim.offload.StateOffloader`), "paged" (bitsandbytes' unified-memory codes, CUDA
             only), False (off). Updates are identical with and without it.
+        cuda_graphs: replay the update of each CUDA GaLore matrix with 8-bit moments as a CUDA graph
+            between its refreshes (`qgl.optim.graphed`; off with offload and after `distribute()`).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         layerwise_clip_norm: float | None = None,
         check_finite: bool = True,
         offload: bool | str | None = False,
+        cuda_graphs: bool = QGALORE["cuda_graphs"],
         **galore: Any,
     ):
         unknown = set(galore) - set(GALORE_DEFAULTS)
@@ -128,6 +132,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         # rounding) and its weight storage (the INT8 weight of a QLinear carrier, else the Parameter).
         self._slot = {p: (self._group_of[p], i, storage_of(p) or p) for p, i in self._index.items()}
         self.offloader = make_offloader(offload)
+        # States that move between host and device change addresses: graphs only without offload.
+        self.graphs = GraphedUpdates() if cuda_graphs and self.offloader is None else None
         self.layerwise = (
             LayerwiseDriver(
                 [p for g in self.param_groups for p in g["params"]],
@@ -214,6 +220,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         if self.distributed is not None:
             raise RuntimeError("QGaLoreAdamW.distribute() was already called on this optimizer")
         self.distributed = DistributedLayerwise(self, shard=shard, group=group)
+        self.graphs = None  # updates on owner ranks after a reduce: kept eager (not measured with graphs)
         return self.distributed
 
     # ----------------------------------------------------------------- the update
@@ -235,6 +242,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(p, group, state)
+        if self.graphs is not None and self.graphs.serves(weight, p.grad, state, group):
+            self.graphs.update(p, weight, p.grad, state, group, index)
+            return
         apply_update(weight, p.grad, state, group, index)
 
     @torch.no_grad()
@@ -364,6 +374,8 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state.clear()
+        if self.graphs is not None:
+            self.graphs.forget()  # the graphs read the replaced states' tensors
         for key, saved_state in state_dict["state"].items():
             p = id_to_param[key]
             # Offloaded states load straight into host memory: the device never holds them all.

@@ -197,6 +197,8 @@ class OptimizerSettings:
     offload: str | None = setting(None, "optimizer states in host memory between layer updates: null (off), "
                                   "cpu (pinned, prefetched), paged (bitsandbytes unified memory, CUDA)",
                                   one_of(OFFLOAD_MODES))
+    cuda_graphs: bool = setting(True, "replay each matrix's update as a CUDA graph between its refreshes "
+                                "(CUDA, 8-bit moments, no offload; qgl.optim.graphed)")
     shard_state: bool = setting(True, "under DDP: each matrix's optimizer state on one owner rank, which "
                                 "updates it and broadcasts the weight (false: all-reduce, every rank holds "
                                 "every state); see qgl.optim.distributed")
