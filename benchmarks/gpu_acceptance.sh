@@ -24,8 +24,9 @@ python3 -c "import torch, lightning, bitsandbytes; print(torch.__version__, ligh
 
 ONE_B="pretrain/llama_1b data.source=embedded data.batch_size=16 trainer.accumulate_grad_batches=1 \
 model.activation_checkpointing=true data.num_workers=1 trainer.limit_val_batches=2 data.val_fraction=0.01 logger.wandb=false"
-BF16_TRUE="--set qgalore:trainer.precision=bf16-true --set galore:trainer.precision=bf16-true \
---set q-galore-torch:trainer.precision=bf16-true"
+METHODS=${METHODS:-qgalore,q-galore-torch,full}
+BF16_TRUE=""  # every row of `methods` in bf16-true (--set names rows exactly)
+for m in ${METHODS//,/ }; do [ "$m" = full ] || BF16_TRUE="$BF16_TRUE --set $m:trainer.precision=bf16-true"; done
 
 [ $# -gt 0 ] || set -- usage
 for part in "$@"; do
@@ -33,7 +34,7 @@ echo "== $part $(date -u +%H:%M:%S)"
 case "$part" in
 tests)
     # Triton's autotuning compiles on the host: 8 workers share the 16 cores and the one GPU.
-    timeout 330 pytest -m cuda -n 8 -p no:cacheprovider -q --durations=10 tests > "$OUT/pytest_cuda.log" 2>&1
+    timeout ${TESTS_TIMEOUT:-330} pytest -m cuda -n 8 -p no:cacheprovider -q --durations=10 tests > "$OUT/pytest_cuda.log" 2>&1
     echo "pytest rc=$?" >> "$OUT/pytest_cuda.log"; tail -25 "$OUT/pytest_cuda.log"
     if [ "${FIRST_STEP:-0}" = 1 ]; then
         timeout 200 python3 benchmarks/first_step.py --repeats 1 --json "$OUT/first_step.json" 2>&1 | tee "$OUT/first_step.txt"
@@ -56,7 +57,7 @@ compare_loop)
     # Is the difference of `compare` in the Lightning path or in the optimizer and layers? The plain
     # loop of benchmarks/train_step.py, each tree, alternating; --profile prints device time per kernel.
     LOOP="--model 1b --checkpointing --rank 512 --methods qgalore --check-finite --steps 30 --warmup 5 --profile"
-    for round in 1 2; do
+    for round in $(seq 1 ${LOOP_ROUNDS:-2}); do
         (cd /tmp && PYTHONPATH=$OLDPWD/.base:/tmp/site timeout 150 python3 $OLDPWD/.base/benchmarks/train_step.py $LOOP) \
             > "$OUT/loop_base$round.txt" 2>&1; grep -m3 "qgalore" "$OUT/loop_base$round.txt"
         (cd /tmp && timeout 120 python3 $OLDPWD/benchmarks/train_step.py $LOOP) > "$OUT/loop_new$round.txt" 2>&1
@@ -71,7 +72,7 @@ finetune)
     ;;
 methods)
     # Issue 20: ratios to bf16 AdamW and q-galore-torch, one machine.
-    timeout ${METHODS_TIMEOUT:-270} python3 benchmarks/methods.py $ONE_B --methods ${METHODS:-qgalore,q-galore-torch,full} \
+    timeout ${METHODS_TIMEOUT:-270} python3 benchmarks/methods.py $ONE_B --methods $METHODS \
         --steps ${STEPS:-20} $BF16_TRUE --out /tmp/new 2>&1 | tail -8 | tee "$OUT/methods_new.txt"
     cp /tmp/new/results.json "$OUT/methods_new.json"
     timeout 60 python3 benchmarks/overhead.py 2>&1 | tail -30 | tee "$OUT/overhead.txt"
@@ -94,3 +95,7 @@ quality)
     ;;
 esac
 done
+# The device returns at most 8 files: PACK=1 folds everything under $OUT into one archive.
+if [ "${PACK:-0}" = 1 ]; then
+    tar czf /tmp/acceptance.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/acceptance.tgz "$OUT/"
+fi

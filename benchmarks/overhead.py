@@ -49,8 +49,9 @@ def _time(fn: Callable[[], object], calls: int) -> tuple[float, float]:
     return 1e6 * host / calls, 1e3 * start.elapsed_time(end) / calls
 
 
-def _layerwise(method: str, m: int, n: int, rank: int, check_finite: bool):
-    """A one-matrix model under QGaLoreAdamW (layer-wise), its trainable matrix and a bf16 gradient."""
+def _layerwise(method: str, m: int, n: int, rank: int, check_finite: bool, graphs: bool = False):
+    """The layer-wise update of a one-matrix model under QGaLoreAdamW (eager, or replayed as a CUDA
+    graph: `cuda_graphs`), from a bf16 gradient."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"mlp": nn.Linear(n, m, bias=False)}).cuda()
     if method == "qgalore":
@@ -58,7 +59,8 @@ def _layerwise(method: str, m: int, n: int, rank: int, check_finite: bool):
     model = model.bfloat16()
     galore = {} if method == "qgalore" else {k: v for k, v in GALORE.items() if k != "quantize_weights"}
     groups = make_param_groups(model, rank=rank, update_proj_gap=10**6, **galore)
-    opt = QGaLoreAdamW(groups, lr=1e-5, layerwise=True, check_finite=check_finite, svd_method="randomized")
+    opt = QGaLoreAdamW(groups, lr=1e-5, layerwise=True, check_finite=check_finite, svd_method="randomized",
+                       cuda_graphs=graphs)
     p = model["mlp"].weight
     grad = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 1e-3
 
@@ -66,7 +68,8 @@ def _layerwise(method: str, m: int, n: int, rank: int, check_finite: bool):
         p.grad = grad
         opt.layerwise.update_from_grad(p)  # its finite flag is read by step(), never called here
 
-    update()  # the first update computes P (an SVD): not timed
+    update()  # the first update computes P (an SVD), the second captures the graph: not timed
+    update()
     return update
 
 
@@ -213,17 +216,24 @@ def main(argv: list[str] | None = None) -> None:
         ("finite check: aminmax + 2 isfinite (all_finite)", lambda: all_finite(grad)),
         ("finite check: one kernel, flag on the device (NonFiniteFlags)", lambda: flags.check_(grad_p, grad)),
         ("finite check + zeroing (the layer-wise hook's)", lambda: flags.check_(grad_p, grad, True)),
-        ("layer-wise update, galore", _layerwise("galore", m, n, args.rank, False)),
-        ("layer-wise update, galore, finite check", _layerwise("galore", m, n, args.rank, True)),
-        ("layer-wise update, qgalore", _layerwise("qgalore", m, n, args.rank, False)),
-        ("layer-wise update, qgalore, finite check", _layerwise("qgalore", m, n, args.rank, True)),
+        *[(f"layer-wise update, {method}{', finite check' * check}{', CUDA graph' * graphs}",
+           _layerwise(method, m, n, args.rank, check, graphs))
+          for method in ("galore", "qgalore") for graphs in (False, True) for check in (False, True)],
     ]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
           f"matrix {m} x {n}, rank {args.rank}, {args.tokens} tokens, {args.calls} calls each\n")
     print("| piece | host us / call | wall us / call |\n|---|---|---|")
+    host_us = {}
     for name, fn in rows:
         host, device = _time(fn, args.calls)
+        host_us[name] = host
         print(f"| {name} | {host:,.0f} | {device:,.0f} |")
+    print()
+    for method in ("galore", "qgalore"):
+        eager = host_us[f"layer-wise update, {method}, finite check"]
+        graphed = host_us[f"layer-wise update, {method}, finite check, CUDA graph"]
+        print(f"{method} layer-wise update with the finite check: CUDA graph / eager host time = "
+              f"{graphed:,.0f} / {eager:,.0f} us = {graphed / eager:.2f}x")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\ntorch.profiler, 10 QLinear forward + backward calls, by host time:")
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         print(table)
-        update = _layerwise("qgalore", m, n, args.rank, True)
+        update = _layerwise("qgalore", m, n, args.rank, True, graphs=True)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):
@@ -246,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.synchronize()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-        print(f"\ncProfile of {args.calls} layer-wise qgalore updates (with the finite check), by own time:")
+        print(f"\ncProfile of {args.calls} layer-wise qgalore updates (finite check, CUDA graph), "
+              "by own time:")
         print(out.getvalue())
 
 
