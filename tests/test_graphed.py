@@ -7,6 +7,7 @@ marker): replayed graphs give the eager device-scalar path's bits through refres
 learning rate and a checkpoint load, and train as the default eager path does.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -146,6 +147,57 @@ def test_graphs_off_on_cpu_offload_and_after_distribute():
     opt = _optimizer(net, layerwise=True)
     net(torch.randn(4, 64)).sum().backward()
     assert opt.graphs.replays == opt.graphs.captures == opt.graphs.eager == 0  # CPU: the eager core ran
+
+
+class _NoCapture:
+    """torch.cuda's graph API as seen on a machine where capturing fails at once."""
+
+    class CUDAGraph:
+        def capture_begin(self, **kw):
+            raise RuntimeError("capture refused")
+
+    class Stream:
+        def __init__(self, *a, **kw):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @staticmethod
+    def graph_pool_handle():
+        return (0, 1)
+
+    @staticmethod
+    def current_stream(device=None):
+        return _NoCapture.Stream()
+
+    @staticmethod
+    def stream(s):
+        return contextlib.nullcontext()
+
+
+def test_a_capture_that_cannot_begin_warns_once_and_runs_every_update_eagerly(monkeypatch):
+    """The orchestration around a failed capture (here on CPU, the graph API stubbed to refuse): the
+    update the capture was for and every later one run eagerly with the device scalars, the same bits
+    as graphs that never capture, one warning."""
+    monkeypatch.setattr(GraphedUpdates, "serves", staticmethod(lambda w, g, state, group: "projector" in state
+                                                               and "exp_avg_codes" in state))
+    for name in ("CUDAGraph", "Stream", "graph_pool_handle", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_NoCapture, name))
+    nets = [_net(True), _net(True)]
+    opts = [_optimizer(net, layerwise=True) for net in nets]
+    opts[1].graphs = GraphedUpdates(capture=False)
+    with pytest.warns(RuntimeWarning, match="capture of an update failed.*capture refused") as caught:
+        for net in nets:
+            for step in range(5):
+                x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
+                net(x).square().mean().backward()
+    assert len([w for w in caught if "capture" in str(w.message)]) == 1
+    a, b = (net.state_dict() for net in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    graphs = opts[0].graphs
+    assert not graphs.enabled and graphs.captures == graphs.replays == 0 and graphs.eager == 10
+    assert opts[0].state[nets[0][0].weight]["step"] == opts[1].state[nets[1][0].weight]["step"] == 5
 
 
 # ----------------------------------------------------------------- CUDA

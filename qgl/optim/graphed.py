@@ -8,15 +8,16 @@ learning rate, the gradient's values. `GraphedUpdates` captures the update once 
 whose kernels read those numbers from device tensors (`qgl.optim.update.DeviceScalars`), and then
 replays it: one launch a matrix instead of ten.
 
-How a matrix's update runs here, step by step:
+How a matrix's update runs, step by step (`QGaLoreAdamW._update_param` asks `replay` first, else runs
+`apply_update` inside `recording`; this module calls no update itself, as `offload.resident` does not):
 
 - refresh steps (and a matrix's first update): eagerly, `apply_update` with the device scalars, so
   the same kernels run (compiled before any capture) and give the same bits as a replay; the new P
-  lives at new addresses, so the matrix's graph is dropped;
-- the first step after: capture `step += 1; apply_update(weight, buffer, ...)` on a side stream into
-  one memory pool shared by every graph, then replay it;
-- every later step: copy the gradient into the buffer the graph reads (one per shape and dtype),
-  write lr-dependent scalars when the learning rate moved (once per group and step), replay.
+  lives at new addresses, so the matrix's graph turns stale;
+- the first step after: `apply_update(weight, buffer, ...)` is captured after `step += 1` on a side
+  stream into one memory pool shared by every graph, then replayed;
+- every later step (`replay`): copy the gradient into the buffer the graph reads (one per shape and
+  dtype), write the lr-dependent scalars when the learning rate moved (once per group and step), replay.
 
 Every tensor a graph touches outside its pool is updated in place and keeps its address: the INT8
 codes and scales, the 8-bit moments, P's packed codes, the step and the scalars. Replays run on one
@@ -32,6 +33,8 @@ Adam kernel (`qgl.kernels.adam8_triton`) differs from bitsandbytes' by its round
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 
 from qgl.kernels import use_triton
-from qgl.optim.update import DeviceScalars, apply_update
+from qgl.optim.update import DeviceScalars
 from qgl.quant import Int8Tensor
 
 __all__ = ["GraphedUpdates"]
@@ -57,6 +60,16 @@ class _Matrix:
     step: Tensor  # int64 [1]: the step of the last update (the graph adds 1 before it reads it)
     graph: torch.cuda.CUDAGraph | None = None
     stale: bool = True
+
+
+@dataclass
+class Recording:
+    """What `GraphedUpdates.recording` hands its body: the gradient to update from (the parameter's, or
+    the buffer a graph reads) and the device scalars; `failed` is set if the capture failed."""
+
+    grad: Tensor
+    scalars: DeviceScalars
+    failed: bool = False
 
 
 @dataclass
@@ -101,12 +114,36 @@ class GraphedUpdates:
             and (group["stochastic_rounding"] or not isinstance(weight, Int8Tensor))
         )
 
-    def update(
-        self, p: Tensor, weight: Tensor | Int8Tensor, grad: Tensor, state: dict[str, Any],
-        group: dict[str, Any], index: int,
-    ) -> None:  # fmt: skip
-        """One step of `p` (what `apply_update(weight, grad, state, group, index)` does), by replay
-        when the matrix's graph is valid; `serves(...)` must hold."""
+    def replay(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Step `p` by replaying its graph if the graph is valid for this step (captured, no refresh
+        due, graphs on): the gradient copied into the buffer the graph reads, the lr-dependent scalars
+        written if the learning rate moved, `state["step"]` advanced. False: nothing done, the update
+        goes through `recording`. `serves(...)` must hold."""
+        matrix = self._matrices.get(p)
+        if matrix is None or matrix.stale or not (self.capture and self.enabled):
+            return False
+        if state["projector"].refresh.due(state["step"]):
+            return False
+        self._group_scalars(group, grad.device)
+        state["step"] += 1  # what the captured apply_update did once, at capture
+        self._grad_buffer(grad).copy_(grad)
+        matrix.graph.replay()
+        self.replays += 1
+        return True
+
+    @contextmanager
+    def recording(
+        self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> Iterator[Recording]:
+        """The context of an update of `p` that `replay` could not run. Its body runs
+        `apply_update(weight, run.grad, state, group, index, run.scalars)` for the `run` it yields:
+
+        - on a refresh step (or with capture off) eagerly, with the device scalars: the new P has new
+          addresses, so the matrix's graph turns stale;
+        - else captured into the matrix's new graph (reading the gradient buffer), which is then
+          replayed for this step. If the capture fails, `run.failed` is set afterwards (warned once,
+          graphs off from then on, the step count restored): the caller then runs the update eagerly.
+        """
         matrix = self._matrices.get(p)
         if matrix is None:
             matrix = self._matrices[p] = _Matrix(torch.zeros(1, dtype=torch.int64, device=grad.device))
@@ -116,19 +153,49 @@ class GraphedUpdates:
         if refresh or not (self.capture and self.enabled):
             matrix.stale = True  # a refresh stores P anew: the graph would read the old one
             matrix.step.fill_(state["step"] + 1)
-            apply_update(weight, grad, state, group, index, scalars)
+            yield Recording(grad, scalars)
             self.eager += 1
             return
         buffer = self._grad_buffer(grad)
-        if matrix.stale:
-            graph = self._capture(matrix, weight, buffer, state, group, index, scalars)
-            if graph is None:  # capture failed (warned): this update, and every later one, eagerly
-                return self.update(p, weight, grad, state, group, index)
-            matrix.graph, matrix.stale = graph, False  # the old graph goes only now (see _Matrix)
-        else:
-            state["step"] += 1  # the captured apply_update advanced it once, at capture
+        run = Recording(buffer, scalars)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=grad.device)
+        matrix.step.fill_(state["step"])
+        step_before = state["step"]
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(grad.device)
+        self._stream.wait_stream(current)
+        entered = False  # whether the body ran (inside the capture)
+        try:
+            with torch.cuda.stream(self._stream):
+                # thread_local: the data loader's pinning thread may call into CUDA meanwhile.
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    matrix.step.add_(1)
+                    entered = True
+                    yield run
+                finally:
+                    graph.capture_end()
+        except Exception as err:  # noqa: BLE001 - any failure: warn once, run eagerly from now on
+            state["step"] = step_before  # the captured apply_update advanced it
+            self.enabled = False
+            warnings.warn(f"CUDA-graph capture of an update failed ({type(err).__name__}: {err}); updates "
+                          "run eagerly from now on (set cuda_graphs=false to silence this)", RuntimeWarning,
+                          stacklevel=4)
+            if entered:  # the body ran inside the failed capture: the caller runs the update again
+                run.failed = True
+                return
+            matrix.step.fill_(state["step"] + 1)  # the capture never began: the body runs eagerly
+            yield Recording(grad, scalars)
+            self.eager += 1
+            return
+        current.wait_stream(self._stream)
+        matrix.graph, matrix.stale = graph, False  # the old graph goes only now (see _Matrix)
+        self.captures += 1
         buffer.copy_(grad)
-        matrix.graph.replay()
+        graph.replay()
         self.replays += 1
 
     def forget(self) -> None:
@@ -160,36 +227,3 @@ class GraphedUpdates:
         if buffer is None:
             buffer = self._grad_buffers[key] = torch.empty_like(grad, memory_format=torch.contiguous_format)
         return buffer
-
-    def _capture(
-        self, matrix: _Matrix, weight: Tensor | Int8Tensor, buffer: Tensor, state: dict[str, Any],
-        group: dict[str, Any], index: int, scalars: DeviceScalars,
-    ) -> torch.cuda.CUDAGraph | None:  # fmt: skip
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=buffer.device)
-        matrix.step.fill_(state["step"])
-        step_before = state["step"]
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(buffer.device)
-        self._stream.wait_stream(current)
-        try:
-            with torch.cuda.stream(self._stream):
-                # thread_local: the data loader's pinning thread may call into CUDA meanwhile.
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    matrix.step.add_(1)
-                    apply_update(weight, buffer, state, group, index, scalars)
-                finally:
-                    graph.capture_end()
-        except Exception as err:  # noqa: BLE001 - any failure: warn once, run eagerly from now on
-            state["step"] = step_before
-            self.enabled = False
-            warnings.warn(f"CUDA-graph capture of an update failed ({type(err).__name__}: {err}); updates "
-                          "run eagerly from now on (set cuda_graphs=false to silence this)", RuntimeWarning,
-                          stacklevel=4)
-            return None
-        current.wait_stream(self._stream)
-        self.captures += 1
-        return graph

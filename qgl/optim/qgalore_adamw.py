@@ -242,10 +242,16 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(p, group, state)
-        if self.graphs is not None and self.graphs.serves(weight, p.grad, state, group):
-            self.graphs.update(p, weight, p.grad, state, group, index)
-            return
-        apply_update(weight, p.grad, state, group, index)
+        graphs, grad = self.graphs, p.grad
+        if graphs is None or not graphs.serves(weight, grad, state, group):
+            apply_update(weight, grad, state, group, index)
+        elif not graphs.replay(p, grad, state, group):
+            # A refresh step runs eagerly with the device scalars, the step after it is captured (and
+            # replayed): `qgl.optim.graphed`.
+            with graphs.recording(p, grad, state, group) as run:
+                apply_update(weight, run.grad, state, group, index, run.scalars)
+            if run.failed:  # the capture failed (warned once): this update, and the later ones, eagerly
+                apply_update(weight, grad, state, group, index)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
