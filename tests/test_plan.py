@@ -326,3 +326,18 @@ def test_llama7b_plain_updates_no_longer_set_the_peak():
     assert "mlp" in plan.how["optimizer_step"] and "mlp" in offloaded.how["optimizer_step"]
     assert plan.total < 12 * GIB and offloaded.total < 8 * GIB
     assert offloaded.phases["loss"] < offloaded.phases["backward"]
+
+
+def test_graph_buffers_are_one_gradient_per_matrix_shape():
+    """The CUDA-graph updates read each gradient from a buffer of its shape (qgl.optim.graphed): one per
+    distinct GaLore matrix shape, in the parameters' dtype; none where the graphs are off."""
+    cfg = LLAMA_CONFIGS["1b"]
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    plan = plan_memory("1b", precision="bf16-true", rank=512)
+    assert plan.parts["graph_buffers"] == 2 * (h * h + i * h + h * i)  # q/k/v/o, gate/up, down
+    assert plan_memory("1b", precision="bf16-mixed", rank=512).parts["graph_buffers"] == 4 * (h * h + 2 * i * h)
+    for off in (dict(cuda_graphs=False), dict(offload="cpu"), dict(optim_bits=32), dict(devices=2),
+                dict(optimizer="adamw")):
+        assert plan_memory("1b", precision="bf16-true", rank=512, **off).parts["graph_buffers"] == 0, off
+    without = plan_memory("1b", precision="bf16-true", rank=512, cuda_graphs=False)
+    assert plan.total - without.total == plan.parts["graph_buffers"]

@@ -46,7 +46,7 @@ the offload copy stream) and 64 MiB for the allocator's rounding and small tenso
 CUDA_CONTEXT_BYTES = 512 * MIB
 """CUDA context and loaded kernels: device memory outside the caching allocator, reserved by `fit`."""
 MONITOR_PARTS = ("int8_weights", "params", "buffers", "optimizer_moments", "projections")
-PERSISTENT = (*MONITOR_PARTS, "weight_copies", "workspace")
+PERSISTENT = (*MONITOR_PARTS, "weight_copies", "graph_buffers", "workspace")
 
 
 class Fit(NamedTuple):
@@ -272,6 +272,15 @@ def _sharded(s: PlanSettings) -> bool:
     return s.devices > 1 and s.qgalore and s.layerwise and s.shard_state
 
 
+def _graphed_shapes(s: PlanSettings, params: tuple[ParamInfo, ...]) -> list[ParamInfo]:
+    """One GaLore matrix per shape whose update `qgl.optim.graphed` replays (8-bit moments, no offload,
+    one process: `distribute()` turns graphs off)."""
+    if not (s.qgalore and s.cuda_graphs and s.offload is None and s.devices == 1 and s.optim_bits == 8):
+        return []
+    graphed = [p for p in params if p.rank is not None and math.prod(p.low_shape) >= s.min_8bit_size]
+    return list({p.shape: p for p in graphed}.values())
+
+
 def _kept_copies(copies: list[ParamInfo], checkpointing: bool) -> int:
     """Elements of autocast's 16-bit weight copies that stay alive: those saved for backward.
     Lightning's autocast runs with `cache_enabled=False`, so a copy is made at each use and freed
@@ -310,11 +319,13 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
         states = [st for st, r in zip(states, owners, strict=True) if r == loads.index(max(loads))]
     copies = [p for p in other if p.linear] if autocast else []
     kept = _kept_copies(copies, s.checkpointing)
+    graphed = _graphed_shapes(s, params)
     parts = {"int8_weights": sum(int8_nbytes(p.numel, s.group_size, s.symmetric) for p in int8),
              "params": pb * (sum(p.numel for p in other) + len(int8)),  # + the carriers' one element
              "buffers": pb * inv.buffer_numel,
              "optimizer_moments": sum(m for m, _ in states), "projections": sum(pr for _, pr in states),
-             "weight_copies": cb * kept, "workspace": WORKSPACE_BYTES}
+             "weight_copies": cb * kept, "graph_buffers": sum(pb * p.numel for p in graphed),
+             "workspace": WORKSPACE_BYTES}
     how = {"int8_weights": f"{len(int8)} INT8 matrices: numel + {4 * (1 if s.symmetric else 2)} ceil(numel/"
                            f"{s.group_size}) B (fp32 scale{'' if s.symmetric else ' and zero'})",
            "params": f"{sum(p.numel for p in other) / 1e6:,.1f}M parameters x {pb} B (embeddings, norms, "
@@ -331,6 +342,9 @@ def _persistent(config: LlamaConfig, s: PlanSettings, inv: Inventory
                               + (" past the forward: those outside the checkpointed blocks + one "
                                  "(recomputed) block's" if s.checkpointing else "")) if autocast
                              else "none without autocast"),
+           "graph_buffers": (f"the gradient buffers the CUDA-graph updates read: one per matrix shape "
+                             f"({len(graphed)}) x {pb} B" if graphed
+                             else "none (no CUDA-graph updates)"),
            "workspace": "cuBLAS workspaces (2 streams x 32 MiB) + 64 MiB allocator slack"}
     host: dict[str, int] = {}
     if s.qgalore and s.offload == "cpu":  # resident: the one written back, the one in use, the one prefetched

@@ -29,7 +29,8 @@ PLANNABLE_METHODS = ("qgalore", "galore", "full", "adamw")  # recipe methods (qg
 
 _Q = QGALORE
 _SHARED = ("layerwise", "offload", "rank", "target_modules", "exclude", "quantize_weights", "group_size",
-           "symmetric", "proj_quant", "proj_group_size", "svd_method", "optim_bits", "min_8bit_size")
+           "symmetric", "proj_quant", "proj_group_size", "svd_method", "optim_bits", "min_8bit_size",
+           "cuda_graphs")
 
 
 class PlanError(ValueError):
@@ -56,7 +57,8 @@ class PlanSettings:
             matrix's optimizer state on one owner rank (`qgl.optim.distributed`).
         fused_8bit: bitsandbytes' fused 8-bit Adam kernel runs the moments (False: the plain-torch
             reference, with fp32 copies of both moments).
-        rank ... min_8bit_size: QGaLoreCallback's arguments of the same names.
+        rank ... min_8bit_size, cuda_graphs: QGaLoreCallback's arguments of the same names
+            (`cuda_graphs`: one gradient buffer per matrix shape that the replayed updates read).
     """
 
     batch_size: int = 1
@@ -79,6 +81,7 @@ class PlanSettings:
     svd_method: str = _Q["svd_method"]
     optim_bits: int = _Q["optim_bits"]
     min_8bit_size: int = _Q["min_8bit_size"]
+    cuda_graphs: bool = _Q["cuda_graphs"]
     fused_8bit: bool = True
     devices: int = 1
     shard_state: bool = _Q["shard_state"]
@@ -145,7 +148,7 @@ class PlanSettings:
                    proj_group_size=q.proj_group_size,
                    svd_method=q.svd_method if quantized else "full",  # galore: the exact SVD
                    optim_bits=q.optim_bits,
-                   min_8bit_size=q.min_8bit_size, shard_state=q.shard_state,
+                   min_8bit_size=q.min_8bit_size, shard_state=q.shard_state, cuda_graphs=q.cuda_graphs,
                    devices=(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
                    * cfg.trainer.num_nodes)
 
