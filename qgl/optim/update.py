@@ -97,39 +97,33 @@ def apply_update(
     lr = group["lr"]
     decay = 1.0 - lr * group["weight_decay"]
     int8 = isinstance(weight, Int8Tensor)
-    if scalars is not None:
-        if projector is None or (int8 and not group["stochastic_rounding"]):
-            raise ValueError("device scalars serve a GaLore parameter with stochastic rounding")
-        # The same operations as below, with the step, -lr (times scale) and the decay read from
-        # the device; a float decay of 1 is skipped below, multiplied here (exact either way).
-        projector.maybe_refresh(grad, step - 1)
-        with projector.decoded(grad):
-            low = projector.project(grad)
-            direction = adam_direction(low, state, beta1, beta2, group["eps"], scalars.step)
-            if not int8:
-                weight.mul_(scalars.decay)
-                projector.add_back_(weight, direction, scalars.back)
-                return
-            delta = projector.project_back(direction, scalars.back, torch.bfloat16)
-        weight.add_(delta, scalars.decay, sr_key(group["seed"], index), step=scalars.step)
-        return
+    if scalars is not None and (projector is None or (int8 and not group["stochastic_rounding"])):
+        raise ValueError("device scalars serve a GaLore parameter with stochastic rounding")
     if projector is not None:
+        # Device scalars (a CUDA graph's): the same operations, with the step, -lr (times scale)
+        # and the decay read from tensors.
+        adam_step, back = (step, -lr) if scalars is None else (scalars.step, scalars.back)
         projector.maybe_refresh(grad, step - 1)
         with projector.decoded(grad):  # one decoding of an INT4 P for both products
             low = projector.project(grad)
-            direction = adam_direction(low, state, beta1, beta2, group["eps"], step)
+            direction = adam_direction(low, state, beta1, beta2, group["eps"], adam_step)
             if not int8:
                 # A float weight: decay, then W += P-products of the direction, in place (one
                 # addmm_, fp32 accumulation, one rounding): no (m, n) update is ever materialized.
-                if decay != 1.0:
+                if scalars is not None:
+                    weight.mul_(scalars.decay)  # a decay of 1 is exact: skipped below, not here
+                elif decay != 1.0:
                     weight.mul_(decay)
-                projector.add_back_(weight, direction, -lr)
+                projector.add_back_(weight, direction, back)
                 return
             # -lr rides on the low-rank tensor: no extra pass over the full-size update. An INT8
             # weight takes the update in bf16: its relative rounding (2**-9 of the update) is far
             # below the stochastic rounding onto the INT8 grid that follows, and the (m, n)
             # update is then written once and read once at half the bytes of fp32.
-            delta = projector.project_back(direction, -lr, torch.bfloat16)
+            delta = projector.project_back(direction, back, torch.bfloat16)
+        if scalars is not None:
+            weight.add_(delta, scalars.decay, sr_key(group["seed"], index), step=scalars.step)
+            return
     elif not int8:  # plain: in place, in chunks (temporaries O(chunk))
         adam_step_(weight, grad, state, lr, decay, beta1, beta2, group["eps"], step)
         return
