@@ -160,7 +160,7 @@ def test_every_setting_is_defined_once():
         assert projector[arg].default == QGALORE[name], arg
     plan = PlanSettings()
     shared = [f.name for f in dataclasses.fields(PlanSettings) if f.name in QGALORE]
-    assert len(shared) == 14  # with shard_state (distributed)
+    assert len(shared) == 15  # with shard_state (distributed) and cuda_graphs (the graphs' gradient buffers)
     assert inspect.signature(make_param_groups).parameters["rank"].default == QGALORE["rank"]
     from qgl.config import PRECISIONS
     from qgl.plan.settings import PRECISIONS as PLAN_PRECISIONS
