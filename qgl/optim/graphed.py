@@ -97,7 +97,7 @@ class GraphedUpdates:
         self._groups: dict[tuple[int, torch.device], _GroupScalars] = {}
         self._grad_buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
         self._pool: Any = None
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the side stream captures run on
         self.captures = self.replays = self.eager = 0
 
     @staticmethod
@@ -160,16 +160,17 @@ class GraphedUpdates:
         run = Recording(buffer, scalars)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=grad.device)
+        stream = self._streams.get(grad.device)
+        if stream is None:
+            stream = self._streams[grad.device] = torch.cuda.Stream(device=grad.device)
         matrix.step.fill_(state["step"])
         step_before = state["step"]
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(grad.device)
-        self._stream.wait_stream(current)
+        stream.wait_stream(current)
         entered = False  # whether the body ran (inside the capture)
         try:
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(stream):
                 # thread_local: the data loader's pinning thread may call into CUDA meanwhile.
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
@@ -191,7 +192,7 @@ class GraphedUpdates:
             yield Recording(grad, scalars)
             self.eager += 1
             return
-        current.wait_stream(self._stream)
+        current.wait_stream(stream)
         matrix.graph, matrix.stale = graph, False  # the old graph goes only now (see _Matrix)
         self.captures += 1
         buffer.copy_(grad)
