@@ -36,6 +36,7 @@ from .int8_ref import (
     check_int8_update,
     check_quantize_int8,
     dequantize_int8_ref,
+    host_scalars,
     int8_update_ref,
     quantize_int8_ref,
 )
@@ -119,7 +120,7 @@ def int8_update_(
         int8_update_triton(q, scale, zero, delta, decay, group_size, seed, step)
         return
     if step is not None:
-        decay, seed = float(decay), (seed + int(step)) % 2**62
+        decay, seed = host_scalars(decay, seed, step)
     int8_update_ref(q, scale, zero, delta, float(decay), group_size, seed)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "check_dequantize_int8",
     "check_int8_update",
     "check_device_scalars",
+    "host_scalars",
     "quantize_int8_ref",
     "dequantize_int8_ref",
     "int8_update_ref",
@@ -83,6 +84,12 @@ def check_device_scalars(q: Tensor, decay: object, seed: object, step: Tensor) -
                          f"got {step.device} and {decay.device}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
         raise ValueError(f"with a device step, seed must be an int in [0, 2**62), got {seed!r}")
+
+
+def host_scalars(decay: float | Tensor, seed: int, step: Tensor) -> tuple[float, int]:
+    """``int8_update_``'s device scalars as the host numbers they stand for: ``(float(decay), (seed +
+    step) mod 2**62)`` (a sync: for the references, never inside a CUDA graph)."""
+    return float(decay), (int(seed) + int(step)) % 2**62
 
 
 def _group_stats(x: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:

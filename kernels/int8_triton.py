@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._groups import n_groups
-from .int8_ref import dequantize_int8_ref, int8_update_ref, quantize_int8_ref
+from .int8_ref import dequantize_int8_ref, host_scalars, int8_update_ref, quantize_int8_ref
 
 __all__ = ["quantize_int8_triton", "dequantize_int8_triton", "int8_update_triton"]
 
@@ -269,8 +269,8 @@ def int8_update_triton(
     check_device(q, scale, zero, delta)
     check_numel(q.numel())
     if group_size > MAX_TILE_GROUP or delta.dtype == torch.float64:
-        if step is not None:  # the reference takes host numbers (a sync; never inside a CUDA graph)
-            decay, seed = float(decay), (int(seed) + int(step)) % 2**62
+        if step is not None:  # the reference takes host numbers
+            decay, seed = host_scalars(decay, seed, step)
         int8_update_ref(q, scale, zero, delta, float(decay), group_size, seed)
         return
     numel, g = q.numel(), scale.numel()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,7 @@ class _GroupScalars:
 
     back: Tensor  # fp32 0-dim: scale * -lr
     decay: Tensor  # fp32 0-dim: 1 - lr * weight_decay
-    written_from: tuple[float, float, float] = field(default=(float("nan"),) * 3)
+    written_from: tuple[float, float, float] | None = None  # (lr, weight_decay, scale); None: not yet
 
 
 class GraphedUpdates:
