@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_acceptance.sh finetune   # fine-tuning memory at LLaMA-2-7B and Llama-3-8B shapes
 #   bash benchmarks/gpu_acceptance.sh compare    # 1B qgalore before (3338d3d, .base) and after, alternating, twice
 #   bash benchmarks/gpu_acceptance.sh compare_loop  # the same in a plain loop (no Lightning), torch.profiler tables
+#   bash benchmarks/gpu_acceptance.sh profile    # 1B plain loop, bf16 AdamW and qgalore: device busy vs wall
 #   bash benchmarks/gpu_acceptance.sh methods    # 1B methods (qgalore, q-galore-torch, full); host time per matrix
 #   bash benchmarks/gpu_acceptance.sh train7b    # LLaMA-7B qgl train: the run summary's first step
 #   bash benchmarks/gpu_acceptance.sh quality    # 3000-step LLaMA-60M quality: SVD count and loss, galore/qgalore
@@ -64,6 +65,13 @@ compare_loop)
         grep -m3 "qgalore" "$OUT/loop_new$round.txt"
     done
     ;;
+profile)
+    # Issue 20: is the 1B step bound by the host or the device? The plain loop (no Lightning) of bf16
+    # AdamW and qgalore, device busy time against wall time, the top kernels and host ops.
+    (cd /tmp && timeout ${PROFILE_TIMEOUT:-200} python3 $OLDPWD/benchmarks/train_step.py --model 1b --checkpointing \
+        --rank 512 --methods bf16-adamw,qgalore --check-finite --steps 12 --warmup 4 --profile) > "$OUT/profile.txt" 2>&1
+    grep -E "device busy|^\| " "$OUT/profile.txt"
+    ;;
 finetune)
     for shape in llama2-7b llama3-8b; do
         timeout 285 python3 benchmarks/finetune_memory.py --shapes $shape --batch 1 --seq 512 --steps 4 \
@@ -90,7 +98,7 @@ quality)
         --out "$OUT/quality" 2>&1 | tail -20
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|compare_loop|methods|train7b|quality"
+    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|compare_loop|profile|methods|train7b|quality"
     exit 2
     ;;
 esac

@@ -166,6 +166,8 @@ def run_method(recipe: str | None, overrides: list[str], method: str, steps: int
             "tokens_per_s": summary["tokens_per_sec"],
             "tokens_per_s_steady": summary.get("tokens_per_sec_after_first_step"),
             "tokens_per_s_second_half": summary.get("tokens_per_sec_second_half"),
+            "tokens_per_s_median_step": summary.get("tokens_per_sec_median_step"),
+            "step_seconds": summary.get("step_seconds"),
             "train_loss": summary["train_loss"],
             "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "svds": svds or 0,
             "svd_seconds": None if extra else summary.get("svd_seconds"),

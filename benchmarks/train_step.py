@@ -55,12 +55,20 @@ def _profile(model, opt, data, steps: int = 3) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         for _ in range(steps):
             model(data[:, :-1], labels=data[:, 1:]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     averages = prof.key_averages()
+    # Kernel time against wall time: a step whose device is busy most of its wall time is bound by the
+    # device; one with the device idle half of it is bound by the host (Python, launches).
+    busy = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # us -> ms a step
+    print(f"device busy {busy:.1f} ms a step of {wall / steps * 1e3:.1f} ms wall (under the profiler): "
+          f"{busy / (wall / steps * 1e3):.0%}")
     print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     print(averages.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 

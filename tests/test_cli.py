@@ -144,3 +144,14 @@ def test_second_half_rate_counts_from_the_middle_step_to_the_last():
     assert stats.second_half_rate() == (500 - 300) / (15.0 - 12.0)
     stats.step_marks = stats.step_marks[:3]
     assert stats.second_half_rate() is None  # fewer than 4 steps: no second half worth the name
+
+
+def test_step_seconds_and_the_median_step_rate_leave_out_the_first_step():
+    from qgl.lightning.run import RunStats
+
+    stats = RunStats()
+    assert stats.step_seconds() == [] and stats.median_step_rate() is None
+    # a slow first step, then 1 s, 1 s, a 3 s hiccup, 1 s (100 tokens a step)
+    stats.step_marks = [(10.0, 100), (11.0, 200), (12.0, 300), (15.0, 400), (16.0, 500)]
+    assert stats.step_seconds() == [1.0, 1.0, 3.0, 1.0]
+    assert stats.median_step_rate() == 100.0  # the hiccup moves the mean, not the median

@@ -11,6 +11,7 @@ write-tests it, and checks a resumed checkpoint against the recipe.
 
 from __future__ import annotations
 
+import itertools
 import math
 import netrc
 import os
@@ -109,6 +110,17 @@ class RunStats(Callback):
             return None
         (t0, n0), (t1, n1) = self.step_marks[len(self.step_marks) // 2], self.step_marks[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
+
+    def step_seconds(self) -> list[float]:
+        """Wall seconds of each optimizer step after the first (validation left out), in order: where a
+        rate's outliers are (a slow step, a hiccup) shows here, not in a mean."""
+        return [t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(self.step_marks)]
+
+    def median_step_rate(self) -> float | None:
+        """Tokens/s (this process) of the median step after the first; None under 3 steps."""
+        rates = sorted((n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in itertools.pairwise(self.step_marks)
+                       if t1 > t0)
+        return rates[len(rates) // 2] if len(rates) >= 2 else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         end, tokens = time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0))
@@ -332,6 +344,8 @@ def _summary(cfg: RecipeConfig, trainer: L.Trainer, stats: RunStats, memory: Any
         "tokens_per_sec_after_first_step": (world * stats.steady_tokens / stats.steady_seconds
                                             if stats.steady_seconds > 0 and stats.steady_tokens else None),
         "tokens_per_sec_second_half": (rate := stats.second_half_rate()) and world * rate,
+        "tokens_per_sec_median_step": (rate := stats.median_step_rate()) and world * rate,
+        "step_seconds": stats.step_seconds(),
         "peak_memory_bytes": mem.get("peak"), "predicted_peak_bytes": memory.predicted.get("peak"),
         "memory_kind": "cuda" if trainer.strategy.root_device.type == "cuda" else "rss",
         "memory_parts": {k: v for k, v in mem.items() if k != "peak"},
