@@ -52,6 +52,7 @@ def _build(name: str, method: str, rank: int, checkpointing: bool, check_finite:
 
 def _profile(model, opt, data, steps: int = 3) -> None:
     """Print where a training step's time goes: the top ops by device time and by host time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -66,7 +67,10 @@ def _profile(model, opt, data, steps: int = 3) -> None:
     averages = prof.key_averages()
     # Kernel time against wall time: a step whose device is busy most of its wall time is bound by the
     # device; one with the device idle half of it is bound by the host (Python, launches).
-    busy = sum(e.self_device_time_total for e in averages) / 1e3 / steps  # us -> ms a step
+    # Kernel events only: the profiler also credits each kernel's time to the aten op that launched it
+    # (the tables' "Self CUDA time total" sums the same events).
+    kernels = (e for e in averages if e.device_type == DeviceType.CUDA)
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps  # us -> ms a step
     print(f"device busy {busy:.1f} ms a step of {wall / steps * 1e3:.1f} ms wall (under the profiler): "
           f"{busy / (wall / steps * 1e3):.0%}")
     print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
