@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
 import qgl.kernels as _k
-from qgl.kernels import aligned
 from qgl.quant import Int8Tensor, attach_storage, storage_of
 
 __all__ = ["QLinear"]
@@ -95,19 +94,16 @@ class _Int8LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         # dy of a reduction such as y.sum() arrives expanded (stride 0); kernels want it dense.
         dy = dy.contiguous()
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.is_cuda:  # one copy with 16-byte aligned rows serves both products (kernels/aligned.py)
-            dy2 = aligned.aligned(dy2)
         with _no_autocast(dy.device.type):
             if need_dx:
-                dx = _k.w8a16_grad_input(dy2, q, scale, zero, ctx.group_size)
-                dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
+                dx = _k.w8a16_grad_input(dy, q, scale, zero, ctx.group_size).to(ctx.x_dtype)
+            dy2 = dy.reshape(-1, dy.shape[-1])
             if need_dw:
                 # [out, in] = dy^T x over all leading dims, in the compute dtype like nn.Linear under
                 # autocast, then cast to the carrier's dtype. Contiguous, so AccumulateGrad
-                # adopts it as weight.grad without a copy. Aligned operands: see kernels/aligned.py.
+                # adopts it as weight.grad without a copy.
                 x2 = x.reshape(-1, x.shape[-1]).to(dy2.dtype)
-                dw = aligned.mm(dy2.t(), x2).to(ctx.carrier_dtype)
+                dw = (dy2.t() @ x2).to(ctx.carrier_dtype)
             if need_db:
                 db = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dw, None, None, None, db, None
