@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from _hand_step import step_by_hand
 from torch import nn
 
 import qgl.kernels as K
@@ -54,13 +55,7 @@ def test_device_scalars_give_the_host_numbers_bits(quantize):
         for net in nets:
             net(x).square().mean().backward()
         opts[0].step()
-        for i, p in enumerate(p for g in hand.param_groups for p in g["params"]):
-            state, group = hand.state[p], hand._group_of[p]
-            if not state:
-                hand._init_state(p, group, state)
-            scalars = _host_scalars(state, group) if "projector" in state else None
-            with torch.no_grad():
-                apply_update(storage_of(p) or p, p.grad, state, group, i, scalars)
+        step_by_hand(hand, lambda state, group: _host_scalars(state, group) if "projector" in state else None)
         for opt in opts:
             opt.zero_grad()
     a, b = (net.state_dict() for net in nets)

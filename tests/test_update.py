@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hand_step import step_by_hand
 from torch import nn
 
 from qgl.nn import QLinear, quantize_model
 from qgl.optim import QGaLoreAdamW, make_param_groups
 from qgl.optim.layerwise import LayerwiseDriver
-from qgl.optim.update import apply_update
 from qgl.quant import Int8Tensor, storage_of
 
 OPTIM = Path(__file__).resolve().parents[1] / "qgl" / "optim"
@@ -59,12 +59,7 @@ def test_apply_update_alone_equals_the_optimizer_step(stochastic_rounding):
         for m in models:
             m(x).square().mean().backward()
         opts[0].step()
-        for i, p in enumerate(p for g in hand.param_groups for p in g["params"]):
-            state = hand.state[p]
-            if not state:
-                hand._init_state(p, hand._group_of[p], state)
-            with torch.no_grad():
-                apply_update(storage_of(p) or p, p.grad, state, hand._group_of[p], i)
+        step_by_hand(hand)
         for o in opts:
             o.zero_grad()
     a, b = (m.state_dict() for m in models)

@@ -117,13 +117,12 @@ class Int8Tensor:
         2**62`` and ``decay`` a one-element fp32 tensor, read when the kernel runs (``int8_update_``).
         """
         q, scale, zero = self.q, self.scale, self.zero
-        if step is not None:
-            if seed is None:
-                raise ValueError("a device step keys the stochastic rounding: it needs a seed")
-            int8_update_(q, scale, zero, delta, decay, self.group_size, int(seed), step)
-            return self
+        if step is not None and seed is None:
+            raise ValueError("a device step keys the stochastic rounding: it needs a seed")
         if seed is not None:  # the arguments are checked once, by the kernel's entry point
-            int8_update_(q, scale, zero, delta, float(decay), self.group_size, int(seed))
+            host_decay = step is None  # a device step reads decay from its tensor
+            int8_update_(q, scale, zero, delta, float(decay) if host_decay else decay, self.group_size,
+                         int(seed), step)
             return self
         if tuple(delta.shape) != tuple(q.shape):
             raise ValueError(f"delta must have the weight's shape {tuple(q.shape)}, got {tuple(delta.shape)}")
