@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_acceptance.sh finetune   # fine-tuning memory at LLaMA-2-7B and Llama-3-8B shapes
 #   bash benchmarks/gpu_acceptance.sh compare    # 1B qgalore before (3338d3d, .base) and after, alternating, twice
 #   bash benchmarks/gpu_acceptance.sh compare_loop  # the same in a plain loop (no Lightning), torch.profiler tables
+#   bash benchmarks/gpu_acceptance.sh aligned    # 1B's unaligned GEMMs, plain vs aligned rows (kernels/aligned.py)
 #   bash benchmarks/gpu_acceptance.sh profile    # 1B plain loop, bf16 AdamW and qgalore: device busy vs wall
 #   bash benchmarks/gpu_acceptance.sh methods    # 1B methods (qgalore, q-galore-torch, full); host time per matrix
 #   bash benchmarks/gpu_acceptance.sh train7b    # LLaMA-7B qgl train: the run summary's first step
@@ -65,6 +66,10 @@ compare_loop)
         grep -m3 "qgalore" "$OUT/loop_new$round.txt"
     done
     ;;
+aligned)
+    # Issue 20: LLaMA-1B's 5461-wide GEMMs, plain against 16-byte aligned rows (kernels/aligned.py).
+    timeout 120 python3 benchmarks/aligned_gemm.py 2>&1 | tee "$OUT/aligned_gemm.txt"
+    ;;
 profile)
     # Issue 20: is the 1B step bound by the host or the device? The plain loop (no Lightning) of bf16
     # AdamW and qgalore, device busy time against wall time, the top kernels and host ops.
@@ -98,7 +103,7 @@ quality)
         --out "$OUT/quality" 2>&1 | tail -20
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|compare_loop|profile|methods|train7b|quality"
+    echo "usage: bash benchmarks/gpu_acceptance.sh PART [PART ...], PART: tests|finetune|compare|compare_loop|aligned|profile|methods|train7b|quality"
     exit 2
     ;;
 esac

@@ -28,7 +28,8 @@ the result is deterministic), then adds the bias and rounds once to the activati
 
 Training-sized token counts (``M >= dense_min_m()``, default ``DENSE_MIN_M``) take the *dense*
 path instead: W is dequantized into a transient ``x.dtype`` matrix (``_decode``: one torch op for
-symmetric W, else ``dequantize_int8_triton``; ~3 bytes an element) and the product runs in cuBLAS.
+symmetric W, else ``dequantize_int8_triton``; ~3 bytes an element) and the product runs in cuBLAS, on
+shapes padded to 16 bytes (``kernels/aligned.py``: a 5461-wide W would get a slow kernel).
 There the matmul is compute-bound and cuBLAS's Hopper kernels beat the fused kernel, whose int8 ->
 bf16 conversion sits in the wgmma loop, by far more than the dequantization costs
 (benchmarks/kernels_bench.py prints both). The transient is one layer's weight, freed when the product
@@ -44,6 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import aligned
 from ._bench import do_bench
 from ._tiles import group_scales, swizzle
 from .int8_triton import check_device, check_numel, dequantize_int8_triton, interpreting
@@ -362,7 +364,7 @@ def w8a16_linear_triton(
     n, k = q.shape
     if _dense(path, x.numel() // max(k, 1), group_size):
         w = _decode(q, scale, zero, group_size, x.dtype)
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return aligned.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, k)
     if x2.numel() and x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -398,7 +400,7 @@ def w8a16_grad_input_triton(
         return w8a16_grad_input_ref(dy, q, scale, zero, group_size)
     n, k = q.shape
     if _dense(path, dy.numel() // max(n, 1), group_size):
-        return dy @ _decode(q, scale, zero, group_size, dy.dtype)
+        return aligned.matmul(dy, _decode(q, scale, zero, group_size, dy.dtype))
     dy2 = dy.reshape(-1, n)
     if dy2.numel() and dy2.stride(1) != 1:
         dy2 = dy2.contiguous()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook as _register_optimizer_step_pre_hook
 
 import qgl.kernels as _k
+from qgl.kernels import aligned
 from qgl.quant import Int8Tensor, attach_storage, storage_of
 
 __all__ = ["QLinear"]
@@ -101,9 +102,9 @@ class _Int8LinearFunction(torch.autograd.Function):
             if need_dw:
                 # [out, in] = dy^T x over all leading dims, in the compute dtype like nn.Linear under
                 # autocast, then cast to the carrier's dtype. Contiguous, so AccumulateGrad
-                # adopts it as weight.grad without a copy.
+                # adopts it as weight.grad without a copy. Padded to 16 bytes: kernels/aligned.py.
                 x2 = x.reshape(-1, x.shape[-1]).to(dy2.dtype)
-                dw = (dy2.t() @ x2).to(ctx.carrier_dtype)
+                dw = aligned.mm(dy2.t(), x2).to(ctx.carrier_dtype)
             if need_db:
                 db = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dw, None, None, None, db, None
