@@ -99,13 +99,10 @@ def test_unforced_on_cpu_and_under_autograd_it_is_the_plain_product():
 
 def test_the_benchmark_runs_every_row_on_cpu(capsys):
     """benchmarks/aligned_gemm.py end to end at toy sizes (its timings need a GPU)."""
-    import sys
-    from pathlib import Path
+    from _bench import load_benchmark
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import aligned_gemm
-
-    aligned_gemm.main(["--device", "cpu", "--tokens", "64", "--hidden", "16", "--width", "21"])
+    bench = load_benchmark("aligned_gemm.py")
+    bench.main(["--device", "cpu", "--tokens", "64", "--hidden", "16", "--width", "21"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 6 + 2 and rows[-1].startswith("| QLinear down (21 -> 16)")
 
