@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 16, 18 and 20, in parts that each fit one 10-minute device call:
-#   bash benchmarks/gpu_acceptance.sh tests      # CUDA tests (pytest-xdist); FIRST_STEP=1: the 7B first step's SVDs
+#   bash benchmarks/gpu_acceptance.sh tests      # CUDA tests (pytest-xdist; TESTS_ARGS: e.g. -k aligned); FIRST_STEP=1: 7B SVDs
 #   bash benchmarks/gpu_acceptance.sh finetune   # fine-tuning memory at LLaMA-2-7B and Llama-3-8B shapes
 #   bash benchmarks/gpu_acceptance.sh compare    # 1B qgalore before (3338d3d, .base) and after, alternating, twice
 #   bash benchmarks/gpu_acceptance.sh compare_loop  # the same in a plain loop (no Lightning), torch.profiler tables
@@ -36,7 +36,7 @@ echo "== $part $(date -u +%H:%M:%S)"
 case "$part" in
 tests)
     # Triton's autotuning compiles on the host: 8 workers share the 16 cores and the one GPU.
-    timeout ${TESTS_TIMEOUT:-330} pytest -m cuda -n 8 -p no:cacheprovider -q --durations=10 tests > "$OUT/pytest_cuda.log" 2>&1
+    timeout ${TESTS_TIMEOUT:-330} pytest -m cuda -n 8 -p no:cacheprovider -q --durations=10 ${TESTS_ARGS:-} tests > "$OUT/pytest_cuda.log" 2>&1
     echo "pytest rc=$?" >> "$OUT/pytest_cuda.log"; tail -25 "$OUT/pytest_cuda.log"
     if [ "${FIRST_STEP:-0}" = 1 ]; then
         timeout 200 python3 benchmarks/first_step.py --repeats 1 --json "$OUT/first_step.json" 2>&1 | tee "$OUT/first_step.txt"
