@@ -16,23 +16,20 @@ import argparse
 import datetime
 import functools
 import math
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from qgl.kernels import aligned  # noqa: E402
-from qgl.kernels._bench import do_bench  # noqa: E402
-from qgl.nn import QLinear  # noqa: E402
+# The installed qgl (`pip install -e .`): the checkout's root has no `qgl.kernels` (package-dir mapping).
+from qgl.kernels import aligned
+from qgl.kernels._bench import do_bench
+from qgl.nn import QLinear
 
 
 def _ms(fn: Callable[[], object], device: str) -> float:
     if device == "cuda":
-        return do_bench(fn, quantiles=(0.5,))[0]
+        return do_bench(fn, quantiles=(0.5,))  # one quantile: one float
     fn()  # CPU (a smoke run of this script): wall time of three calls
     start = time.perf_counter()
     for _ in range(3):

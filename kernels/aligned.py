@@ -34,7 +34,7 @@ _empty = torch.empty  # every padded buffer is allocated here (tests poison it)
 
 def multiple(dtype: torch.dtype) -> int:
     """Elements in 16 bytes of ``dtype``: the multiple every padded dimension is rounded up to."""
-    return max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return max(1, ALIGN_BYTES // dtype.itemsize)
 
 
 def _up(size: int, step: int) -> int:
@@ -59,16 +59,14 @@ def _padded(t: Tensor, rows: int, cols: int, zero_rows: bool, zero_cols: bool) -
     return out
 
 
-def _needs_padding(a: Tensor, b: Tensor, step: int) -> bool:
-    m, k = a.shape
-    n = b.shape[1]
-    return m % step != 0 or k % step != 0 or n % step != 0
-
-
-def _worth_it(a: Tensor, b: Tensor) -> bool:
-    m, k = a.shape
-    n = b.shape[1]
-    return a.is_cuda and 2 * m * n * k >= ALIGN_MIN_FLOPS
+def _pad_step(m: int, k: int, n: int, a: Tensor, force: bool) -> int:
+    """The multiple to pad ``[m, k] @ [k, n]`` to, or 0 for the plain product: on CPU, under
+    ``ALIGN_MIN_FLOPS`` (unless ``force``) and where every dimension is already aligned. Called once a
+    product, on the host's hot path: shapes and flags only, no tensor made."""
+    if not (force or (a.is_cuda and 2 * m * n * k >= ALIGN_MIN_FLOPS)):
+        return 0
+    step = multiple(a.dtype)
+    return step if (m % step or k % step or n % step) else 0
 
 
 def _differentiable(a: Tensor, b: Tensor) -> bool:
@@ -84,9 +82,14 @@ def mm(a: Tensor, b: Tensor, force: bool = False) -> Tensor:
     """
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"mm takes two 2-D matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    step = multiple(a.dtype)
-    if not (force or _worth_it(a, b)) or _differentiable(a, b) or not _needs_padding(a, b, step):
+    (m, k), n = a.shape, b.shape[1]
+    step = _pad_step(m, k, n, a, force)
+    if not step or _differentiable(a, b):
         return a @ b
+    return _padded_mm(a, b, step)
+
+
+def _padded_mm(a: Tensor, b: Tensor, step: int) -> Tensor:
     (m, k), n = a.shape, b.shape[1]
     mp, kp, np_ = _up(m, step), _up(k, step), _up(n, step)
     out = _padded(a, mp, kp, zero_rows=False, zero_cols=True) @ _padded(
@@ -98,21 +101,22 @@ def mm(a: Tensor, b: Tensor, force: bool = False) -> Tensor:
 
 
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, force: bool = False) -> Tensor:
-    """``F.linear(x, w, bias)`` through ``mm``: ``x [..., k]``, ``w [n, k]`` -> ``[..., n]``."""
+    """``F.linear(x, w, bias)`` through the padded product: ``x [..., k]``, ``w [n, k]`` -> ``[..., n]``.
+    Aligned shapes (LLaMA-7B's) and the cases ``mm`` leaves plain get torch's own call."""
     n, k = w.shape
-    x2 = x.reshape(-1, k)
-    if not (force or _worth_it(x2, w.t())) or not _needs_padding(x2, w.t(), multiple(x.dtype)):
-        return torch.nn.functional.linear(x, w, bias)  # aligned shapes (LLaMA-7B's): torch's own call
-    y = mm(x2, w.t(), force=True)
+    step = _pad_step(x.numel() // max(k, 1), k, n, x, force)
+    if not step or _differentiable(x, w):
+        return torch.nn.functional.linear(x, w, bias)
+    y = _padded_mm(x.reshape(-1, k), w.t(), step)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
 
 
 def matmul(a: Tensor, b: Tensor, force: bool = False) -> Tensor:
-    """``a [..., k] @ b [k, n]`` -> ``[..., n]`` through ``mm``."""
+    """``a [..., k] @ b [k, n]`` -> ``[..., n]`` through the padded product (plain where ``mm`` is)."""
     k, n = b.shape
-    a2 = a.reshape(-1, k)
-    if not (force or _worth_it(a2, b)) or not _needs_padding(a2, b, multiple(a.dtype)):
+    step = _pad_step(a.numel() // max(k, 1), k, n, a, force)
+    if not step or _differentiable(a, b):
         return a @ b
-    return mm(a2, b, force=True).view(*a.shape[:-1], n)
+    return _padded_mm(a.reshape(-1, k), b, step).view(*a.shape[:-1], n)
