@@ -76,9 +76,9 @@ def _differentiable(a: Tensor, b: Tensor) -> bool:
 def mm(a: Tensor, b: Tensor, force: bool = False) -> Tensor:
     """``a [m, k] @ b [k, n]`` -> contiguous ``[m, n]`` in their dtype, on shapes padded to 16 bytes.
 
-    As ``a @ b`` on CPU, under ``ALIGN_MIN_FLOPS``, under autograd (the padding copies are not
-    differentiable) and when every dimension is already a multiple of 16 bytes (``force``: pad
-    anyway, for tests and benchmarks).
+    As ``a @ b`` on CPU, under ``ALIGN_MIN_FLOPS``, under autograd (the graph would keep the padded
+    copies alive for the backward; QLinear calls it inside its own backward) and when every
+    dimension is already a multiple of 16 bytes (``force``: pad anyway, for tests and benchmarks).
     """
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"mm takes two 2-D matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}")

@@ -91,7 +91,7 @@ def test_unforced_on_cpu_and_under_autograd_it_is_the_plain_product():
     a, b = torch.randn(9, 7), torch.randn(7, 5)
     assert torch.equal(aligned.mm(a, b), a @ b)  # CPU: nothing to pad for
     a.requires_grad_(True)
-    out = aligned.mm(a, b, force=True)  # the padding copies are not differentiable: the plain product
+    out = aligned.mm(a, b, force=True)  # under autograd: the plain product, no padded copies saved
     assert out.grad_fn is not None and torch.equal(out, a @ b)
     with pytest.raises(ValueError, match="2-D"):
         aligned.mm(torch.zeros(2, 3, 4), torch.zeros(4, 2))
