@@ -87,6 +87,22 @@ def test_aligned_shapes_take_torchs_own_call_even_forced(monkeypatch):
     assert torch.equal(aligned.mm(x[0], w.t(), force=True), x[0] @ w.t())
 
 
+def test_what_is_padded_on_cuda():
+    """The decision the GPU path takes, on CPU: a CUDA product is padded when unaligned and at least
+    ALIGN_MIN_FLOPS, to 16 bytes of its dtype; aligned, small or CPU products are not (unless forced)."""
+    from types import SimpleNamespace
+
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # _pad_step reads only these two
+    cpu_bf16 = SimpleNamespace(is_cuda=False, dtype=torch.bfloat16)
+    big = (4096, 2048, 5461)  # LLaMA-1B's up/gate forward at 16 x 256 tokens: 92 GFLOP
+    assert aligned._pad_step(*big, cuda_bf16, force=False) == 8
+    assert aligned._pad_step(4096, 4096, 11008, cuda_bf16, force=False) == 0  # LLaMA-7B: aligned
+    assert aligned._pad_step(64, 2048, 5461, cuda_bf16, force=False) == 0  # 1.4 GFLOP: not worth it
+    assert aligned._pad_step(*big, cpu_bf16, force=False) == 0
+    assert aligned._pad_step(64, 2048, 5461, cpu_bf16, force=True) == 8
+    assert aligned._pad_step(*big, SimpleNamespace(is_cuda=True, dtype=torch.float32), force=False) == 4
+
+
 def test_unforced_on_cpu_and_under_autograd_it_is_the_plain_product():
     a, b = torch.randn(9, 7), torch.randn(7, 5)
     assert torch.equal(aligned.mm(a, b), a @ b)  # CPU: nothing to pad for
